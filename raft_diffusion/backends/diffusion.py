@@ -1,0 +1,283 @@
+"""Stable Diffusion 1.x/2.x with a PEFT LoRA on the UNet: generation and RAFT fine-tuning.
+
+Every object is the diffusers one (`StableDiffusionPipeline`, its schedulers, `add_adapter`,
+`save_lora_weights`), so a diffusers user recognises all of it. Generation keeps each sample's
+final latents; fine-tuning trains on them directly, so the VAE never encodes during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+)
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..errors import UserError
+from ..protocols import Samples
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+BUILTINS = ("tiny-sd", "tiny-sd-v")
+
+
+def _looks_local(path: str) -> bool:
+    return (
+        path.startswith(("/", "./", "../", "~"))
+        or path.endswith(SINGLE_FILE_SUFFIXES)
+        or path.count("/") != 1
+    )
+
+
+def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None,
+                  variant: str | None = None, field: str = "model.path") -> StableDiffusionPipeline:
+    """An SD pipeline from `builtin:NAME`, a local diffusers dir, a single file, or a hub id."""
+    torch_dtype = DTYPES[dtype]
+    if path.startswith("builtin:"):
+        name = path[len("builtin:"):]
+        if name not in BUILTINS:
+            raise UserError(field, f"unknown built-in model {name!r}", f"available: {', '.join(BUILTINS)}")
+        from ..tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
+        return pipe.to(dtype=torch_dtype)
+    local = Path(path).expanduser()
+    if local.exists():
+        try:
+            if local.is_file():
+                if not local.name.endswith(SINGLE_FILE_SUFFIXES):
+                    raise UserError(field, f"{path} is not a .safetensors or .ckpt checkpoint",
+                                    "pass a diffusers directory or a single-file SD checkpoint")
+                return StableDiffusionPipeline.from_single_file(str(local), torch_dtype=torch_dtype)
+            if not (local / "model_index.json").is_file():
+                raise UserError(field, f"{path} has no model_index.json",
+                                "pass a directory saved by DiffusionPipeline.save_pretrained")
+            return StableDiffusionPipeline.from_pretrained(
+                str(local), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - report the loader's reason in one line
+            raise UserError(field, f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
+                            "check that it is a Stable Diffusion 1.x/2.x checkpoint") from e
+    if _looks_local(path):
+        raise UserError(field, f"model not found: {path}", "pass an existing directory, file or hub id")
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=torch_dtype, revision=revision, variant=variant,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except Exception as e:  # noqa: BLE001 - offline machines end here
+        raise UserError(field, f"cannot load {path!r} from the hub: {type(e).__name__}",
+                        "check the id and your network, or pass a local directory") from e
+
+
+def make_scheduler(pipe: StableDiffusionPipeline, name: str):
+    cls = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}[name]
+    return cls.from_config(pipe.scheduler.config)
+
+
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents -> images (N, 3, H, W) in [0, 1], float32."""
+    vae = pipe.vae
+    scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        scaled = scaled + vae.config.shift_factor
+    images = vae.decode(scaled).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield list(range(start, min(n, start + size)))
+
+
+class DiffusionBackend:
+    """RAFT's generator: an SD pipeline whose UNet carries a trainable LoRA."""
+
+    def __init__(self, config: RunConfig, accelerator: Accelerator):
+        self.config = config
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        gen = config.generation
+        pipe = load_pipeline(config.model.path, config.model.dtype, config.model.revision, config.model.variant)
+        scale = pipe.vae_scale_factor
+        if gen.resolution % scale:
+            lower, upper = gen.resolution // scale * scale, -(-gen.resolution // scale) * scale
+            raise UserError("config generation.resolution",
+                            f"{gen.resolution} is not a multiple of the model's latent scale {scale}",
+                            f"use {lower or upper} or {upper}")
+        pipe.scheduler = make_scheduler(pipe, gen.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+            part.requires_grad_(False)
+        lora = config.lora
+        unet = pipe.unet
+        missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n, _ in unet.named_modules())]
+        if missing:
+            raise UserError("config lora.target_modules", f"no UNet module named {missing}",
+                            "use names such as to_q, to_k, to_v, to_out.0, proj_in, conv1")
+        unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                    target_modules=list(lora.target_modules), init_lora_weights="gaussian"))
+        # The frozen model may be half precision; the trained LoRA weights stay float32.
+        self.lora_params = [p for p in unet.parameters() if p.requires_grad]
+        for p in self.lora_params:
+            p.data = p.data.float()
+        if config.training.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        pipe.to(self.device)
+        self.pipe = pipe
+        train = config.training
+        optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError("model.path", f"prediction type {self.prediction_type!r} is not supported",
+                            "use an epsilon or v-prediction model")
+
+    # -- generation -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings (N, 77, D) of prompts and of the negative prompt, each computed once."""
+        gen = self.config.generation
+        unique = list(dict.fromkeys(prompts))
+        guided = gen.guidance_scale > 1
+        cond, uncond = self.pipe.encode_prompt(
+            unique, self.device, 1, guided, [gen.negative_prompt] * len(unique) if guided else None
+        )
+        where = torch.tensor([unique.index(p) for p in prompts], device=cond.device)
+        return cond[where], (uncond[where] if guided else None)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate") -> Samples:
+        gen = self.config.generation
+        cond, uncond = self.encode(prompts)
+        latents, images = [], []
+        bar = tqdm(total=len(prompts), desc=desc, unit="img", leave=False,
+                   disable=not self.accelerator.is_local_main_process)
+        for idx in _chunks(len(prompts), gen.batch_size):
+            # One CPU generator per sample: its initial noise depends on its seed only.
+            generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in idx]
+            out = self.pipe(
+                prompt_embeds=cond[idx],
+                negative_prompt_embeds=uncond[idx] if uncond is not None else None,
+                height=gen.resolution, width=gen.resolution,
+                num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, eta=gen.eta,
+                generator=generators, output_type="latent",
+            )
+            latents.append(out.images.float().cpu())
+            images.append(decode_latents(self.pipe, out.images).cpu())
+            bar.update(len(idx))
+        bar.close()
+        return Samples(
+            prompts=list(prompts), seeds=list(seeds), outputs=torch.cat(images),
+            payload={"latents": torch.cat(latents), "prompt_embeds": cond.float().cpu()},
+        )
+
+    # -- fine-tuning ------------------------------------------------------------------------
+
+    def _loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The scheduler's own target (epsilon or v) MSE at uniformly random timesteps."""
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                          generator=generator).to(self.device)
+        x0 = x0.to(self.device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
+        dtype = self.pipe.unet.dtype
+        with self.accelerator.autocast():
+            pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(self.device, dtype)).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def train(self, samples: Samples, generator: torch.Generator) -> float:
+        """Fine-tune the LoRA on `samples`; returns the mean loss (NaN when there is nothing)."""
+        cfg = self.config.training
+        n = len(samples)
+        if n == 0:
+            return math.nan
+        latents, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+        self.unet.train()
+        losses = []
+        micro_per_epoch = math.ceil(n / cfg.batch_size)
+        bar = tqdm(total=cfg.epochs * micro_per_epoch, desc="train", unit="batch", leave=False,
+                   disable=not self.accelerator.is_local_main_process)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator).tolist()
+            micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            # Accumulate over groups of micro-batches; a short last group still takes its step,
+            # so nothing carries over between iterations and resume is exact.
+            for g in range(0, len(micro), cfg.gradient_accumulation_steps):
+                group = micro[g:g + cfg.gradient_accumulation_steps]
+                total = sum(len(b) for b in group)
+                for j, batch in enumerate(group):
+                    last = j == len(group) - 1
+                    context = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
+                    with context:
+                        loss = self._loss(latents[batch], text[batch], generator)
+                        self.accelerator.backward(loss * len(batch) / total)
+                    losses.append(loss.item())
+                    bar.update(1)
+                if cfg.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        bar.close()
+        self.unet.eval()
+        return float(sum(losses) / len(losses))
+
+    # -- samples, adapter and state ----------------------------------------------------------
+
+    def write_samples(self, samples: Samples, directory: Path) -> list[str]:
+        from PIL import Image
+
+        from ..rewards.jpeg import to_uint8
+
+        names = []
+        for i, array in enumerate(to_uint8(samples.outputs)):
+            name = f"{i:04d}.png"
+            Image.fromarray(array).save(directory / name)
+            names.append(name)
+        return names
+
+    def _unet(self):
+        return self.accelerator.unwrap_model(self.unet)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(self._unet()).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(self._unet(), state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"adapter checkpoint has unexpected keys: {unexpected[:3]}")
+
+    def save_adapter(self, directory: Path) -> None:
+        """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads with its alpha."""
+        unet = self._unet()
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(
+            str(directory), unet_lora_layers=layers, safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )
+
+    def training_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

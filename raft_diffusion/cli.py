@@ -1,0 +1,199 @@
+"""The `raft-diffusion` command line. User errors become exit code 2 here, and only here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from .errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEMOS = {"tiny": "demo-tiny.yaml"}
+DEFAULT_DEMO = "tiny"
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Align generative models with rewards by RAFT (Reward rAnked FineTuning).")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks of errors.")) -> None:
+    """Align generative models with rewards by RAFT."""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def _search_dirs(config_path: Path) -> list[Path]:
+    parent = config_path.resolve().parent
+    return [parent, parent.parent]
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML run configuration."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set raft.seed=1 (repeatable)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (overrides output_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Run RAFT: sample, rank with the rewards, fine-tune the LoRA; repeat."""
+    from .config import load_config
+
+    cfg = load_config(config, list(set_))
+    if output_dir is not None:
+        cfg.output_dir = str(output_dir)
+    _quiet_libraries()
+    from .train import run_training
+
+    run_training(cfg, search=_search_dirs(config), resume=resume, overwrite=overwrite)
+    print(f"done: {cfg.output_dir}/final")
+
+
+@app.command()
+def demo(
+    name: str = typer.Argument(DEFAULT_DEMO, help=f"Demo to run: {', '.join(DEMOS)}."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default runs/demo-NAME)."),
+) -> None:
+    """Run a shipped CPU demo end to end (it replaces its own earlier run directory)."""
+    if name not in DEMOS:
+        raise UserError("demo", f"unknown demo {name!r}", f"available: {', '.join(DEMOS)}")
+    path = REPO / "configs" / DEMOS[name]
+    if not path.is_file():
+        raise UserError("demo", f"{path} is missing", "run the demo from a checkout of raft-diffusion")
+    from .config import load_config
+
+    cfg = load_config(path)
+    cfg.output_dir = str(output_dir or Path("runs") / f"demo-{name}")
+    _quiet_libraries()
+    from .train import run_training
+
+    print(f"demo {name}: {path.relative_to(REPO)} -> {cfg.output_dir}")
+    metrics = run_training(cfg, search=_search_dirs(path), overwrite=True)
+    first, last = metrics[0], metrics[-1]
+    print(f"\nreward (mean over the iteration's samples): iteration 1 {first['reward_mean']:.4f}"
+          f" -> iteration {last['iteration'] + 1} {last['reward_mean']:.4f}")
+    print(f"LoRA: {cfg.output_dir}/final/pytorch_lora_weights.safetensors")
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="Hub id, local dir, single file or builtin:NAME."),
+    prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
+    out: Path = typer.Option(..., "--out", help="Directory for the PNG files."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="Directory with pytorch_lora_weights.safetensors."),
+    n: int = typer.Option(4, "-n", help="Number of images."),
+    resolution: int = typer.Option(256, "--resolution", help="Image side in pixels."),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image; image i uses seed + i."),
+) -> None:
+    """Generate images with a model and, optionally, a trained LoRA."""
+    if n <= 0:
+        raise UserError("-n", f"{n} images", "ask for at least 1")
+    if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
+        raise UserError("--lora", f"no pytorch_lora_weights.safetensors in {lora}", "pass a run's final/ directory")
+    names = [out / f"{seed + i:06d}.png" for i in range(n)]
+    taken = [p for p in names if p.exists()]
+    if taken:
+        raise UserError("--out", f"{taken[0]} exists", "choose another --out or --seed")
+    _quiet_libraries()
+    import torch
+
+    from .backends.diffusion import load_pipeline
+
+    pipe = load_pipeline(model, field="--model")
+    if resolution % pipe.vae_scale_factor:
+        raise UserError("--resolution", f"{resolution} is not a multiple of {pipe.vae_scale_factor}",
+                        f"use {resolution // pipe.vae_scale_factor * pipe.vae_scale_factor or pipe.vae_scale_factor}")
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+    images = pipe([prompt] * n, height=resolution, width=resolution, num_inference_steps=steps,
+                  guidance_scale=guidance_scale, generator=generators).images
+    out.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, names):
+        image.save(path)
+        print(path)
+
+
+@app.command()
+def score(
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    reward: str = typer.Option(..., "--reward", help="Reward name."),
+    prompt: str = typer.Option("", "--prompt", help="Prompt the images are scored against."),
+) -> None:
+    """Score images with a reward; prints one score a line, in the order given."""
+    from .rewards import check_name
+
+    check_name(reward, "--reward")
+    for path in images:
+        if not path.is_file():
+            raise UserError("IMAGE", f"file not found: {path}", "pass existing image files")
+    _quiet_libraries()
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .rewards import build_reward
+
+    fn = build_reward(reward, {}, torch.device("cuda" if torch.cuda.is_available() else "cpu"), field="--reward")
+    for path in images:
+        try:
+            image = Image.open(path).convert("RGB")
+        except UnidentifiedImageError:
+            raise UserError("IMAGE", f"{path} is not an image", "pass PNG or JPEG files") from None
+        tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+        with torch.inference_mode():
+            print(f"{float(fn(tensor, [prompt])[0]):.6g}")
+
+
+@app.command("config-help")
+def config_help() -> None:
+    """List every config field with its default and one line of help."""
+    from .config import field_help
+
+    for name, default, text in field_help():
+        print(f"{name:42} {default:28} {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        result = app(args=args, standalone_mode=False, prog_name="raft-diffusion")
+        return result if isinstance(result, int) else 0
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        print(f"error: {e.format_message()} (see raft-diffusion --help)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The run configuration: typed, documented, validated; loaded from YAML with `--set` overrides.
+
+Every field carries its one-line help in `description`; `raft-diffusion config-help` prints them.
+Unknown keys are rejected, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(
+        "builtin:tiny-sd",
+        description="hub id, local diffusers dir, single-file checkpoint (.safetensors/.ckpt), "
+        "or builtin:NAME",
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="weights dtype of the frozen model (float32 on CPU)"
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    variant: str | None = Field(None, description="hub weights variant, e.g. fp16")
+    trust_remote_code: bool = Field(False, description="allow code from the model repo to run")
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(4, gt=0, description="LoRA rank r")
+    alpha: float = Field(4.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="names (suffixes) of the modules that get a LoRA",
+    )
+
+
+class PromptsConfig(_Strict):
+    train: Union[str, list[str]] = Field(
+        ..., description="training prompts: a file (one prompt a line) or a list"
+    )
+    eval: Union[str, list[str], None] = Field(
+        None, description="evaluation prompts (file or list); defaults to the training prompts"
+    )
+
+
+class GenerationConfig(_Strict):
+    resolution: int = Field(256, gt=0, description="image side in pixels (diffusion)")
+    steps: int = Field(20, gt=0, description="denoising steps (diffusion)")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance; <= 1 disables it")
+    scheduler: Literal["ddim", "dpm_solver"] = Field("ddim", description="sampler (diffusion)")
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM eta; 0 is deterministic given the seed")
+    negative_prompt: str = Field("", description="negative prompt for guidance (diffusion)")
+    samples_per_prompt: int = Field(8, gt=0, description="K: candidates generated per prompt")
+    batch_size: int = Field(16, gt=0, description="samples generated per forward pass")
+    max_new_tokens: Union[int, tuple[int, int]] = Field(
+        48, description="text: tokens to generate, or a [min, max] range drawn per batch"
+    )
+    temperature: float = Field(1.0, gt=0, description="text: sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="text: nucleus sampling mass")
+
+
+class RewardSpec(_Strict):
+    name: str = Field(..., description="registered reward name, or python:module:function")
+    weight: float = Field(1.0, description="weight in the summed reward")
+    normalize: Literal["none", "batch", "per_prompt"] = Field(
+        "none", description="z-score this reward over the batch or per prompt before weighting"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="reward-specific options")
+
+
+class SelectionConfig(_Strict):
+    strategy: Literal["per_prompt", "global"] = Field(
+        "per_prompt", description="per_prompt: best `top` of each prompt; global: best `fraction`"
+    )
+    top: int = Field(1, gt=0, description="per_prompt: samples kept per prompt")
+    fraction: float = Field(
+        0.125, gt=0, le=1, description="global: fraction of all samples kept, in (0, 1]"
+    )
+
+
+class TrainingConfig(_Strict):
+    learning_rate: float = Field(1.0e-4, gt=0, description="AdamW learning rate")
+    epochs: int = Field(1, gt=0, description="passes over the selected samples per iteration")
+    batch_size: int = Field(8, gt=0, description="micro-batch size")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
+    weight_decay: float = Field(1.0e-2, ge=0, description="AdamW weight decay")
+    gradient_checkpointing: bool = Field(False, description="trade compute for memory")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="accelerate mixed precision for training"
+    )
+
+
+class RaftConfig(_Strict):
+    iterations: int = Field(10, gt=0, description="RAFT iterations (sample, rank, fine-tune)")
+    prompts_per_iteration: int = Field(16, gt=0, description="b: prompts sampled per iteration")
+    seed: int = Field(0, ge=0, description="seed of prompts, samples and training noise")
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, ge=0, description="evaluate every N iterations; 0 disables evaluation")
+    samples_per_prompt: int = Field(4, gt=0, description="samples per eval prompt (fixed seeds)")
+    judges: list[RewardSpec] = Field(
+        default_factory=list, description="held-out rewards: scored on eval samples, never optimized"
+    )
+
+
+class CheckpointConfig(_Strict):
+    keep_last: int = Field(2, gt=0, description="iteration checkpoints kept on disk")
+
+
+class RunConfig(_Strict):
+    backend: Literal["diffusion", "text"] = Field("diffusion", description="what is generated")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the frozen base model")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the trained adapter")
+    prompts: PromptsConfig = Field(..., description="prompt sources")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="sampling")
+    rewards: list[RewardSpec] = Field(..., min_length=1, description="what RAFT optimizes")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="ranking")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="fine-tuning")
+    raft: RaftConfig = Field(default_factory=RaftConfig, description="the outer loop")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
+    output_dir: str = Field("runs/raft", description="run directory")
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _format_validation_error(err: ValidationError, source: str) -> UserError:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(RunConfig, [p for p in first["loc"][:-1]])
+        allowed = ", ".join(parent.model_fields) if parent else "see the docs"
+        problem, fix = "unknown key", f"allowed keys here: {allowed}"
+    elif first["type"] == "missing":
+        problem, fix = "required field is missing", f"add it to {source}"
+    else:
+        problem = first["msg"].rstrip(".") + f", got {first.get('input')!r}"
+        fix = f"fix the value in {source}"
+    more = len(err.errors()) - 1
+    if more:
+        fix += f"; {more} more error(s) after this one"
+    return UserError(f"config {field}", problem, fix)
+
+
+def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
+    """The pydantic model class found by walking `loc` (field names and list indices)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        inner = _submodel(field.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _submodel(arg)
+        if found:
+            return found
+    return None
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set a.b.c=value` to the raw config dict; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise UserError("--set", f"{assignment!r} is not key=value", "write e.g. --set raft.seed=1")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    model: type[BaseModel] | None = RunConfig
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError("--set", f"{key}: no list item {part!r}", "use an existing index")
+            idx: Any = int(part)
+        else:
+            if model is None or part not in model.model_fields:
+                allowed = ", ".join(model.model_fields) if model else "none"
+                raise UserError("--set", f"unknown key {key!r}", f"allowed at this level: {allowed}")
+            idx = part
+            model = _submodel(model.model_fields[part].annotation)
+        if last:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            node[idx] = value
+        else:
+            if isinstance(node, dict) and node.get(idx) is None:
+                node[idx] = {}
+            node = node[idx]
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply `--set` overrides, validate; user mistakes raise `UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("config", f"file not found: {path}", "pass the path of a YAML config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError("config", f"{path} is not UTF-8 text", "save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserError("config", f"YAML syntax error in {path}{where}: {problem}", "fix the YAML") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("config", f"{path} must hold a mapping of fields", "see configs/ for examples")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _format_validation_error(e, str(path)) from None
+    return config.model_copy(update={}, deep=True)
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def field_help(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) of every field, for `--help`-style listings."""
+    rows = []
+    for name, field in model.model_fields.items():
+        sub = _submodel(field.annotation)
+        dotted = f"{prefix}{name}"
+        if sub is not None and sub is not RewardSpec:
+            rows += field_help(sub, dotted + ".")
+        else:
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((dotted, default, field.description or ""))
+    return rows

@@ -1,0 +1,204 @@
+"""The RAFT loop (Dong et al. 2023, arXiv 2304.06767), backend-agnostic.
+
+    for each iteration:
+        1. Sample    K candidates for each of b prompts (one recorded seed per candidate)
+        2. Score     reward = sum of weight * reward_i(sample, prompt); failures are dropped
+        3. Select    the best of each prompt (per_prompt) or the best fraction (global)
+        4. Fine-tune the adapter on the selected (prompt, sample) pairs
+        5. Evaluate  fixed prompts and seeds: training reward and held-out judges
+        6. Checkpoint atomically
+
+`raft()` below is that box; the helpers after it hold the bookkeeping. The loop knows only the
+`Backend` and `Reward` protocols of `protocols.py`, so images and texts run through the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
+from .config import RunConfig
+from .protocols import Backend, Samples
+from .rewards.compose import RewardSet, Scored, nanmean
+from .run_dir import RunDirectory
+from .selection import select
+
+
+def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
+         run: RunDirectory, accelerator: Accelerator, train_prompts: Sequence[str],
+         eval_prompts: Sequence[str], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run the RAFT iterations of `config` (resuming from `run`'s last checkpoint) and return the metrics."""
+    K, b, seed = config.generation.samples_per_prompt, config.raft.prompts_per_iteration, config.raft.seed
+    generator = torch.Generator().manual_seed(seed)  # training noise, timesteps and batch order
+    state, start = {"data_position": 0}, 0
+    checkpoint = run.latest_checkpoint()
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, backend, generator)
+        start = state.pop("iteration") + 1
+        log(f"resumed from {checkpoint} at iteration {start}")
+    run.keep_metrics_before(start)
+    eval_before = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts, "base") \
+        if start == 0 and config.eval.every else None
+
+    for it in range(start, config.raft.iterations):
+        seconds: dict[str, float] = {}
+        prompts, state["data_position"] = draw_prompts(train_prompts, state["data_position"], b, seed)
+        groups = [g for g in range(len(prompts)) for _ in range(K)]
+
+        with timed(seconds, "generate"):  # 1. Sample
+            samples = generate(backend, accelerator, [prompts[g] for g in groups],
+                               [sample_seed(seed, 1, it, j) for j in range(len(groups))])
+        with timed(seconds, "score"):  # 2. Score
+            scored = reward(samples.outputs, samples.prompts, groups)
+        chosen = select(scored.total, groups, config.selection.strategy,  # 3. Select
+                        config.selection.top, config.selection.fraction)
+        with timed(seconds, "train"):  # 4. Fine-tune
+            loss = backend.train(shard(samples.select(chosen), accelerator), generator)
+        with timed(seconds, "eval"):  # 5. Evaluate
+            due = config.eval.every and ((it + 1) % config.eval.every == 0 or it + 1 == config.raft.iterations)
+            evaluation = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts,
+                                  f"iter_{it:04d}") if due else {}
+
+        record = iteration_record(it, scored, chosen, loss, evaluation, seconds)  # 6. Record, checkpoint
+        if it == 0 and eval_before is not None:
+            record["eval_before"] = eval_before
+        if accelerator.is_main_process:
+            run.write_samples(f"iter_{it:04d}", backend, samples, sample_rows(samples, scored, chosen))
+            run.append_metrics(record)
+            save_checkpoint(run.checkpoints, it, backend, state, generator, config.checkpoint.keep_last)
+        accelerator.wait_for_everyone()
+        log(summary(record, config.raft.iterations))
+
+    if accelerator.is_main_process:
+        write_dir_atomically(run.final, backend.save_adapter)
+    return run.read_metrics()
+
+
+# --- data and seeds ----------------------------------------------------------------------------
+
+
+def draw_prompts(prompts: Sequence[str], position: int, b: int, seed: int) -> tuple[list[str], int]:
+    """The next `b` prompts of an endless stream of shuffled epochs; returns them and the new position."""
+    n = len(prompts)
+    drawn = []
+    for p in range(position, position + b):
+        epoch, offset = divmod(p, n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        drawn.append(prompts[order[offset]])
+    return drawn, position + b
+
+
+def sample_seed(seed: int, *key: int) -> int:
+    """A sample's seed: a pure function of the run seed and its place (purpose, iteration, index)."""
+    return int(np.random.SeedSequence([seed, *key]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# --- process sharding (a no-op with one process) -----------------------------------------------
+
+
+def generate(backend: Backend, accelerator: Accelerator, prompts: list[str], seeds: list[int],
+             desc: str = "generate") -> Samples:
+    """Each process generates its share; every process gets all samples back, in order."""
+    if accelerator.num_processes == 1:
+        return backend.generate(prompts, seeds, desc)
+    with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
+        local = backend.generate([prompts[i] for i in mine], [seeds[i] for i in mine], desc)
+    from accelerate.utils import gather_object
+
+    return Samples.join(gather_object([local]))
+
+
+def shard(samples: Samples, accelerator: Accelerator) -> Samples:
+    """This process's share of the training samples (equal shares, padded, so DDP steps agree)."""
+    if accelerator.num_processes == 1 or len(samples) == 0:
+        return samples
+    with accelerator.split_between_processes(list(range(len(samples))), apply_padding=True) as mine:
+        return samples.select(mine)
+
+
+# --- evaluation and records --------------------------------------------------------------------
+
+
+def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
+             run: RunDirectory, accelerator: Accelerator, prompts: Sequence[str], name: str) -> dict[str, float]:
+    """Mean training reward and held-out judge scores on fixed eval prompts and seeds."""
+    n = config.eval.samples_per_prompt
+    groups = [g for g in range(len(prompts)) for _ in range(n)]
+    samples = generate(backend, accelerator, [prompts[g] for g in groups],
+                       [sample_seed(config.raft.seed, 2, j) for j in range(len(groups))], desc="eval")
+    scored = reward(samples.outputs, samples.prompts, groups)
+    judged = judges(samples.outputs, samples.prompts, groups) if judges.specs else None
+    result = {"reward": nanmean(scored.total)}
+    result.update({k: nanmean(v) for k, v in scored.parts.items() if k != "reward"})
+    if judged is not None:
+        result.update({k: nanmean(v) for k, v in judged.parts.items()})
+    if accelerator.is_main_process:
+        rows = sample_rows(samples, scored, [], judged)
+        run.write_samples(f"{name}/eval" if name != "base" else "base_eval", backend, samples, rows)
+    return result
+
+
+def sample_rows(samples: Samples, scored: Scored, chosen: Sequence[int],
+                judged: Scored | None = None) -> list[dict[str, Any]]:
+    chosen_set = set(chosen)
+    rows = []
+    for i in range(len(samples)):
+        scores = {k: _num(v[i]) for k, v in scored.parts.items()}
+        if judged is not None:
+            scores.update({k: _num(v[i]) for k, v in judged.parts.items()})
+        rows.append({"prompt": samples.prompts[i], "seed": samples.seeds[i], "reward": _num(scored.total[i]),
+                     "scores": scores, "selected": i in chosen_set})
+    return rows
+
+
+def iteration_record(it: int, scored: Scored, chosen: Sequence[int], loss: float,
+                     evaluation: dict[str, float], seconds: dict[str, float]) -> dict[str, Any]:
+    valid = scored.total[np.isfinite(scored.total)]
+    return {
+        "iteration": it,
+        "reward_mean": _num(valid.mean()) if valid.size else None,
+        "reward_std": _num(valid.std()) if valid.size else None,
+        "reward_selected_mean": _num(np.mean(scored.total[list(chosen)])) if len(chosen) else None,
+        "rewards": {k: _num(nanmean(v)) for k, v in scored.parts.items()},
+        "n_generated": int(len(scored.total)),
+        "n_selected": len(chosen),
+        "n_dropped": scored.n_dropped,
+        "train_loss": _num(loss),
+        "eval": evaluation,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def summary(record: dict[str, Any], iterations: int) -> str:
+    s = record["seconds"]
+    ev = " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
+    mean = record["reward_mean"]
+    return (f"iter {record['iteration'] + 1}/{iterations}  reward {mean if mean is None else f'{mean:.4f}'}"
+            f"  selected {record['reward_selected_mean']}  dropped {record['n_dropped']}"
+            f"  loss {record['train_loss']}" + (f"  eval[{ev}]" if ev else "")
+            + f"  ({', '.join(f'{k} {v:.1f}s' for k, v in s.items())})")
+
+
+def _num(x: Any) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+class timed:
+    """`with timed(seconds, "train"):` adds the block's wall time to seconds["train"]."""
+
+    def __init__(self, seconds: dict[str, float], key: str):
+        self.seconds, self.key = seconds, key
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds[self.key] = self.seconds.get(self.key, 0.0) + time.perf_counter() - self.start
+        return False

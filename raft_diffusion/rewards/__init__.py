@@ -1,0 +1,71 @@
+"""Rewards by name: a name -> factory registry, as in DDPO's `rewards.py`.
+
+A factory takes the reward's `options` (keyword arguments) plus `device` and `dtype`, and returns
+a function `(outputs, prompts) -> scores`. Adding a reward means adding one factory here.
+`python:package.module:function` names a user's own `(outputs, prompts) -> scores` function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..protocols import Reward
+from . import jpeg
+
+REGISTRY: dict[str, Callable[..., Reward]] = {
+    "jpeg_compressibility": jpeg.jpeg_compressibility,
+    "jpeg_incompressibility": jpeg.jpeg_incompressibility,
+}
+
+
+def available() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def check_name(name: str, field: str) -> None:
+    """Refuse an unknown reward name before any model is loaded."""
+    if name.startswith("python:") or name in REGISTRY:
+        return
+    raise UserError(field, f"unknown reward {name!r}",
+                    f"available: {', '.join(available())}, or python:module:function")
+
+
+def _load_user_function(name: str, field: str) -> Reward:
+    target = name[len("python:"):]
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise UserError(field, f"{name!r} is not python:module:function", "e.g. python:mypkg.rewards:score")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(field, f"cannot import {module_name!r}: {e}", "check the module is on PYTHONPATH") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(field, f"{module_name} has no function {attr!r}", "name an existing function")
+    return fn
+
+
+def build_reward(name: str, options: dict[str, Any], device: torch.device,
+                 dtype: torch.dtype = torch.float32, field: str = "rewards") -> Reward:
+    """The scoring function of a reward, its models loaded once, on `device`."""
+    check_name(name, field)
+    if name.startswith("python:"):
+        return _load_user_function(name, field)
+    factory = REGISTRY[name]
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        allowed = ", ".join(p for p in params if p not in ("device", "dtype")) or "none"
+        raise UserError(f"{field}.options", f"unknown option(s) {unknown} for {name}", f"allowed: {allowed}")
+    kwargs = dict(options)
+    if "device" in params:
+        kwargs["device"] = device
+    if "dtype" in params:
+        kwargs["dtype"] = dtype
+    return factory(**kwargs)

@@ -1,0 +1,96 @@
+"""Tiny Stable Diffusion pipelines built from configs: same classes as SD 1.x, a few MB of weights.
+
+They are what tests and the CPU demo run on when real weights cannot be downloaded. Every part is
+the real diffusers / transformers class (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+DDIMScheduler) and the tokenizer is the real CLIP BPE, so the code paths are the ones SD 1.5 uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .tokenizer import clip_tokenizer
+
+
+def tiny_unet(cross_attention_dim: int = 32, sample_size: int = 32) -> UNet2DConditionModel:
+    # About 1.4 M parameters: two resolutions, cross-attention at the lower one.
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def tiny_vae(latent_scale: int = 8) -> AutoencoderKL:
+    # log2(latent_scale) + 1 blocks: each block after the first halves the resolution.
+    n_blocks = {4: 3, 8: 4}[latent_scale]
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        block_out_channels=(8, 16, 16, 16)[:n_blocks],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def tiny_text_encoder(hidden_size: int = 32, layers: int = 2) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """The DDIM scheduler with SD 1.x's noise schedule."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
+def tiny_pipeline(
+    seed: int = 0, latent_scale: int = 8, prediction_type: str = "epsilon"
+) -> StableDiffusionPipeline:
+    """A random tiny SD pipeline, identical for the same arguments (weights drawn from `seed`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = tiny_text_encoder()
+        unet = tiny_unet(cross_attention_dim=text_encoder.config.hidden_size)
+        vae = tiny_vae(latent_scale)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=sd_scheduler(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe

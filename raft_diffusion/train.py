@@ -1,0 +1,65 @@
+"""A training run end to end: validate everything, then build, then write, then loop.
+
+Every check a user can fail (config, prompts, reward names, output directory, model path,
+resolution) runs before the run directory is touched, so a refused run writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from .config import RunConfig, config_to_yaml
+from .errors import UserError
+from .prompts import load_prompts
+from .rewards import check_name
+from .run_dir import RunDirectory
+
+
+def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool = False,
+                 overwrite: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train per `config`; returns the metrics records. User mistakes raise `UserError`."""
+    import yaml
+
+    train_prompts = load_prompts(config.prompts.train, "config prompts.train", search)
+    eval_prompts = (load_prompts(config.prompts.eval, "config prompts.eval", search)
+                    if config.prompts.eval is not None else train_prompts)
+    for i, spec in enumerate(config.rewards):
+        check_name(spec.name, f"config rewards.{i}.name")
+    for i, spec in enumerate(config.eval.judges):
+        check_name(spec.name, f"config eval.judges.{i}.name")
+    if config.selection.strategy == "per_prompt" and config.selection.top > config.generation.samples_per_prompt:
+        raise UserError("config selection.top", f"{config.selection.top} exceeds samples_per_prompt "
+                        f"{config.generation.samples_per_prompt}", "keep top <= generation.samples_per_prompt")
+    run = RunDirectory(config.output_dir)
+    config_yaml = config_to_yaml(config)
+    mode = run.check(yaml.safe_load(config_yaml), resume, overwrite)
+
+    accelerator = Accelerator(mixed_precision=config.training.mixed_precision, cpu=not _cuda_wanted())
+    from .backends import build_backend
+    from .rewards.compose import RewardSet
+
+    backend = build_backend(config, accelerator)  # loads the model; checks resolution, LoRA targets
+    reward = RewardSet(config.rewards, accelerator.device, field="config rewards")
+    judges = RewardSet(config.eval.judges, accelerator.device, field="config eval.judges")
+
+    from .loop import raft
+
+    if accelerator.is_main_process:
+        run.open(mode, config_yaml)
+    accelerator.wait_for_everyone()
+    try:
+        return raft(config, backend, reward, judges, run, accelerator, train_prompts, eval_prompts, log)
+    finally:
+        if accelerator.is_main_process:
+            run.close()
+
+
+def _cuda_wanted() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("RAFT_DIFFUSION_CPU", "") != "1"
