@@ -48,6 +48,8 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
 
     for it in range(start, config.raft.iterations):
         seconds: dict[str, float] = {}
+        if accelerator.is_main_process:
+            run.clear_samples(f"iter_{it:04d}")
         prompts, state["data_position"] = draw_prompts(train_prompts, state["data_position"], b, seed)
         groups = [g for g in range(len(prompts)) for _ in range(K)]
 
@@ -139,8 +141,9 @@ def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: Rew
     if judged is not None:
         result.update({k: nanmean(v) for k, v in judged.parts.items()})
     if accelerator.is_main_process:
-        rows = sample_rows(samples, scored, [], judged)
-        run.write_samples(f"{name}/eval" if name != "base" else "base_eval", backend, samples, rows)
+        where = f"{name}/eval" if name != "base" else "base_eval"
+        run.clear_samples(where)
+        run.write_samples(where, backend, samples, sample_rows(samples, scored, [], judged))
     return result
 
 

@@ -133,12 +133,15 @@ class RunDirectory:
             f.flush()
             os.fsync(f.fileno())
 
+    def clear_samples(self, name: str) -> None:
+        """Remove what a killed attempt at this iteration left."""
+        if self.samples(name).exists():
+            shutil.rmtree(self.samples(name))
+
     def write_samples(self, name: str, backend, samples, rows: list[dict[str, Any]]) -> Path:
         """Files of `samples` plus `samples.jsonl` (one row per sample) under samples/NAME."""
         directory = self.samples(name)
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        directory.mkdir(parents=True, exist_ok=True)
         files = backend.write_samples(samples, directory)
         with open(directory / "samples.jsonl", "w", encoding="utf-8") as f:
             for file, row in zip(files, rows):

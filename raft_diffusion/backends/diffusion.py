@@ -26,7 +26,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
+from ..config import GenerationConfig, RunConfig
 from ..errors import UserError
 from ..protocols import Samples
 
@@ -54,7 +54,7 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
         from ..tiny import tiny_pipeline
 
         pipe = tiny_pipeline(prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
-        return pipe.to(dtype=torch_dtype)
+        return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     local = Path(path).expanduser()
     if local.exists():
         try:
@@ -91,6 +91,7 @@ def make_scheduler(pipe: StableDiffusionPipeline, name: str):
     return cls.from_config(pipe.scheduler.config)
 
 
+@torch.inference_mode()
 def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
     """Final latents -> images (N, 3, H, W) in [0, 1], float32."""
     vae = pipe.vae
@@ -99,6 +100,46 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torc
         scaled = scaled + vae.config.shift_factor
     images = vae.decode(scaled).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.inference_mode()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], gen: GenerationConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings (N, 77, D) of prompts and of the negative prompt, each distinct text once."""
+    unique = list(dict.fromkeys(prompts))
+    guided = gen.guidance_scale > 1
+    cond, uncond = pipe.encode_prompt(
+        unique, pipe.device, 1, guided, [gen.negative_prompt] * len(unique) if guided else None
+    )
+    where = torch.tensor([unique.index(p) for p in prompts], device=cond.device)
+    return cond[where], (uncond[where] if guided else None)
+
+
+@torch.inference_mode()
+def generate_latents(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: torch.Tensor | None,
+                     seeds: list[int], gen: GenerationConfig, desc: str = "generate", show: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final latents (N, 4, h, w) and decoded images (N, 3, H, W) in [0, 1], both on the CPU.
+
+    One CPU generator per sample, so a sample's initial noise depends on its seed alone (and is the
+    same on CPU and CUDA); batches of `gen.batch_size` mix prompts.
+    """
+    latents, images = [], []
+    bar = tqdm(total=len(seeds), desc=desc, unit="img", leave=False, disable=None if show else True)
+    for idx in _chunks(len(seeds), gen.batch_size):
+        out = pipe(
+            prompt_embeds=cond[idx],
+            negative_prompt_embeds=uncond[idx] if uncond is not None else None,
+            height=gen.resolution, width=gen.resolution,
+            num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, eta=gen.eta,
+            generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in idx],
+            output_type="latent",
+        )
+        latents.append(out.images.float().cpu())
+        images.append(decode_latents(pipe, out.images).cpu())
+        bar.update(len(idx))
+    bar.close()
+    return torch.cat(latents), torch.cat(images)
 
 
 def _chunks(n: int, size: int):
@@ -152,43 +193,12 @@ class DiffusionBackend:
 
     # -- generation -------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings (N, 77, D) of prompts and of the negative prompt, each computed once."""
-        gen = self.config.generation
-        unique = list(dict.fromkeys(prompts))
-        guided = gen.guidance_scale > 1
-        cond, uncond = self.pipe.encode_prompt(
-            unique, self.device, 1, guided, [gen.negative_prompt] * len(unique) if guided else None
-        )
-        where = torch.tensor([unique.index(p) for p in prompts], device=cond.device)
-        return cond[where], (uncond[where] if guided else None)
-
-    @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate") -> Samples:
-        gen = self.config.generation
-        cond, uncond = self.encode(prompts)
-        latents, images = [], []
-        bar = tqdm(total=len(prompts), desc=desc, unit="img", leave=False,
-                   disable=not self.accelerator.is_local_main_process)
-        for idx in _chunks(len(prompts), gen.batch_size):
-            # One CPU generator per sample: its initial noise depends on its seed only.
-            generators = [torch.Generator("cpu").manual_seed(seeds[i]) for i in idx]
-            out = self.pipe(
-                prompt_embeds=cond[idx],
-                negative_prompt_embeds=uncond[idx] if uncond is not None else None,
-                height=gen.resolution, width=gen.resolution,
-                num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, eta=gen.eta,
-                generator=generators, output_type="latent",
-            )
-            latents.append(out.images.float().cpu())
-            images.append(decode_latents(self.pipe, out.images).cpu())
-            bar.update(len(idx))
-        bar.close()
-        return Samples(
-            prompts=list(prompts), seeds=list(seeds), outputs=torch.cat(images),
-            payload={"latents": torch.cat(latents), "prompt_embeds": cond.float().cpu()},
-        )
+        cond, uncond = encode_prompts(self.pipe, prompts, self.config.generation)
+        latents, images = generate_latents(self.pipe, cond, uncond, seeds, self.config.generation, desc,
+                                           show=self.accelerator.is_local_main_process)
+        return Samples(prompts=list(prompts), seeds=list(seeds), outputs=images,
+                       payload={"latents": latents, "prompt_embeds": cond.float().cpu()})
 
     # -- fine-tuning ------------------------------------------------------------------------
 
@@ -216,7 +226,7 @@ class DiffusionBackend:
         losses = []
         micro_per_epoch = math.ceil(n / cfg.batch_size)
         bar = tqdm(total=cfg.epochs * micro_per_epoch, desc="train", unit="batch", leave=False,
-                   disable=not self.accelerator.is_local_main_process)
+                   disable=None if self.accelerator.is_local_main_process else True)
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=generator).tolist()
             micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
