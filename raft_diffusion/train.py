@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from .config import RunConfig, config_to_yaml
 from .errors import UserError
@@ -40,6 +41,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     mode = run.check(yaml.safe_load(config_yaml), resume, overwrite)
 
     accelerator = Accelerator(mixed_precision=config.training.mixed_precision, cpu=not _cuda_wanted())
+    set_seed(config.raft.seed)  # python, numpy and torch: the LoRA's initial weights come from here
     from .backends import build_backend
     from .rewards.compose import RewardSet
 

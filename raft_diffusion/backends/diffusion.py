@@ -283,7 +283,7 @@ class DiffusionBackend:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         StableDiffusionPipeline.save_lora_weights(
             str(directory), unet_lora_layers=layers, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            unet_lora_adapter_metadata=_sorted_sets(unet.peft_config["default"].to_dict()),
         )
 
     def training_state(self) -> dict[str, Any]:
@@ -291,3 +291,9 @@ class DiffusionBackend:
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _sorted_sets(config: dict[str, Any]) -> dict[str, Any]:
+    # PEFT keeps target_modules as a set; its order follows string hashing, which changes from one
+    # process to the next. Sorted, the saved file is byte-identical across runs.
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}

@@ -1,0 +1,35 @@
+"""User rewards (`python:tests.rewards_for_tests:NAME`) that the tests plug into runs."""
+
+import hashlib
+import math
+import os
+import time
+
+from raft_diffusion.rewards.jpeg import jpeg_kb, to_uint8
+
+
+def content_hash_scores(images, prompts):
+    """A score unrelated to image quality: the hash of the pixels, in [0, 1). A random-selection control."""
+    return [int(hashlib.sha256(a.tobytes()).hexdigest()[:8], 16) / 16**8 for a in to_uint8(images)]
+
+
+def flaky_jpeg(images, prompts):
+    """-JPEG kB, but NaN for images whose first pixel is dark and a crash on batches holding bright ones."""
+    arrays = to_uint8(images)
+    if len(arrays) > 1 and any(a[0, 0].mean() > 200 for a in arrays):
+        raise RuntimeError("flaky reward: cannot score this batch")
+    scores = [-s for s in jpeg_kb(images)]
+    out = []
+    for a, s in zip(arrays, scores):
+        if a[0, 0].mean() > 200:
+            raise RuntimeError("flaky reward: bright pixel")
+        out.append(math.nan if a[0, 0].mean() < 60 else s)
+    return out
+
+
+def slow_jpeg(images, prompts):
+    """-JPEG kB, after a pause when RAFT_TEST_SLOW_REWARD is set (so a test can kill a run mid-iteration)."""
+    pause = float(os.environ.get("RAFT_TEST_SLOW_REWARD", "0"))
+    if pause:
+        time.sleep(pause)
+    return [-s for s in jpeg_kb(images)]

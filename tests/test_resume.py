@@ -1,0 +1,70 @@
+"""kill -9 during iteration 2 of 3, then --resume: the same metrics and adapter as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from .conftest import REPO, TINY_CONFIG, deep_update, run_cli, write_yaml
+
+CONFIG = deep_update(TINY_CONFIG, {
+    "rewards": [{"name": "python:tests.rewards_for_tests:slow_jpeg"}],
+    "raft": {"iterations": 3, "prompts_per_iteration": 2, "seed": 3},
+    "training": {"learning_rate": 5e-3, "epochs": 2, "batch_size": 1, "gradient_accumulation_steps": 2},
+    "eval": {"every": 1, "samples_per_prompt": 1},
+})
+
+
+def _metrics(run: Path) -> list[dict]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("seconds")
+    return records
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    config = write_yaml(tmp_path / "config.yaml", CONFIG)
+    straight = tmp_path / "straight"
+    done = run_cli("train", str(config), "--output-dir", str(straight))
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAFT_TEST_SLOW_REWARD": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "raft_diffusion", "train", str(config), "--output-dir", str(killed)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "iter_0000"):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(1.0)  # iteration 2 is now generating or in its 2-second reward call
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "iter_0000"
+    assert not (killed / "final").exists()
+
+    resumed = run_cli("train", str(config), "--output-dir", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _metrics(killed) == _metrics(straight)
+    a = load_file(str(killed / "final/pytorch_lora_weights.safetensors"))
+    b = load_file(str(straight / "final/pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert (killed / "final/pytorch_lora_weights.safetensors").read_bytes() == \
+        (straight / "final/pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    config = write_yaml(tmp_path / "config.yaml", deep_update(CONFIG, {"raft": {"iterations": 1}}))
+    run = tmp_path / "run"
+    assert run_cli("train", str(config), "--output-dir", str(run)).returncode == 0
+    changed = run_cli("train", str(config), "--output-dir", str(run), "--resume", "--set", "raft.seed=9")
+    assert changed.returncode == 2
+    assert "raft.seed" in changed.stderr and "Traceback" not in changed.stderr
+    longer = run_cli("train", str(config), "--output-dir", str(run), "--resume", "--set", "raft.iterations=2")
+    assert longer.returncode == 0, longer.stderr
+    assert [r["iteration"] for r in _metrics(run)] == [0, 1]

@@ -1,0 +1,124 @@
+"""Every mistake a user can make exits 2 with one short line naming the field, and writes nothing."""
+
+import os
+
+import pytest
+
+from raft_diffusion.cli import main
+
+from .conftest import TINY_CONFIG, deep_update, run_cli, write_yaml
+
+
+def _setup(tmp_path, case):
+    """Write the files of a bad-input case; return the argv."""
+    cfg = deep_update(TINY_CONFIG, {})
+    extra: list[str] = []
+    path = tmp_path / "config.yaml"
+    if case == "missing_config":
+        return ["train", str(tmp_path / "nope.yaml")]
+    if case == "yaml_syntax":
+        path.write_text("backend: diffusion\nmodel: {path: [unclosed\n")
+        return ["train", str(path)]
+    if case == "unknown_key":
+        cfg["trainig"] = {"epochs": 1}
+    elif case == "wrong_type":
+        cfg["generation"]["samples_per_prompt"] = "eight"
+    elif case == "k_zero":
+        cfg["generation"]["samples_per_prompt"] = 0
+    elif case == "resolution_250":
+        cfg["generation"]["resolution"] = 250
+    elif case == "unknown_reward":
+        cfg["rewards"] = [{"name": "jpeg_compresibility"}]
+    elif case == "unknown_judge":
+        cfg["eval"]["judges"] = [{"name": "orakle"}]
+    elif case == "missing_prompts_file":
+        cfg["prompts"] = {"train": str(tmp_path / "missing.txt")}
+    elif case == "empty_prompts_file":
+        (tmp_path / "empty.txt").write_text("\n# only a comment\n\n")
+        cfg["prompts"] = {"train": str(tmp_path / "empty.txt")}
+    elif case == "non_utf8_prompts":
+        (tmp_path / "latin1.txt").write_bytes("a café in monet style\n".encode("latin-1"))
+        cfg["prompts"] = {"train": str(tmp_path / "latin1.txt")}
+    elif case == "missing_model_path":
+        cfg["model"] = {"path": str(tmp_path / "no-such-model")}
+    elif case == "fraction_out_of_range":
+        cfg["selection"] = {"strategy": "global", "fraction": 1.5}
+    elif case == "fraction_zero":
+        cfg["selection"] = {"strategy": "global", "fraction": 0}
+    elif case == "output_dir_in_use":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "notes.txt").write_text("someone's files")
+    elif case == "unknown_set_key":
+        extra = ["--set", "generation.resolutoin=64"]
+    elif case == "set_without_equals":
+        extra = ["--set", "raft.seed"]
+    elif case == "unknown_builtin":
+        cfg["model"] = {"path": "builtin:sd-99"}
+    elif case == "top_above_k":
+        cfg["selection"] = {"strategy": "per_prompt", "top": 5}
+    elif case == "bad_lora_target":
+        cfg["lora"]["target_modules"] = ["to_qq"]
+    write_yaml(path, cfg)
+    return ["train", str(path), "--output-dir", str(tmp_path / "run"), *extra]
+
+
+CASES = {
+    "missing_config": "config",
+    "yaml_syntax": "YAML",
+    "unknown_key": "trainig",
+    "wrong_type": "generation.samples_per_prompt",
+    "k_zero": "generation.samples_per_prompt",
+    "resolution_250": "generation.resolution",
+    "unknown_reward": "rewards.0.name",
+    "unknown_judge": "eval.judges.0.name",
+    "missing_prompts_file": "prompts.train",
+    "empty_prompts_file": "prompts.train",
+    "non_utf8_prompts": "prompts.train",
+    "missing_model_path": "model.path",
+    "fraction_out_of_range": "selection.fraction",
+    "fraction_zero": "selection.fraction",
+    "output_dir_in_use": "output_dir",
+    "unknown_set_key": "resolutoin",
+    "set_without_equals": "--set",
+    "unknown_builtin": "model.path",
+    "top_above_k": "selection.top",
+    "bad_lora_target": "lora.target_modules",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capfd, case):
+    argv = _setup(tmp_path, case)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main(argv)
+    out, err = capfd.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert CASES[case] in lines[0]
+    assert len(lines[0]) < 300
+    assert "Traceback" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capfd):
+    assert main(["--debug", "train", str(tmp_path / "nope.yaml")]) == 2
+    assert "Traceback" in capfd.readouterr().err
+
+
+def test_run_in_use_by_a_live_process_is_refused_even_with_resume(tmp_path, capfd):
+    argv = _setup(tmp_path, "ok")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(str(os.getppid()))  # a process that is certainly alive
+    assert main([*argv, "--resume"]) == 2
+    assert "in use by running process" in capfd.readouterr().err
+
+
+def test_cli_subprocess_reports_user_error_without_traceback(tmp_path):
+    argv = _setup(tmp_path, "resolution_250")
+    result = run_cli(*argv)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: config generation.resolution")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
