@@ -179,13 +179,14 @@ def iteration_record(it: int, scored: Scored, chosen: Sequence[int], loss: float
 
 
 def summary(record: dict[str, Any], iterations: int) -> str:
-    s = record["seconds"]
-    ev = " ".join(f"{k}={v:.4g}" for k, v in record["eval"].items())
-    mean = record["reward_mean"]
-    return (f"iter {record['iteration'] + 1}/{iterations}  reward {mean if mean is None else f'{mean:.4f}'}"
-            f"  selected {record['reward_selected_mean']}  dropped {record['n_dropped']}"
-            f"  loss {record['train_loss']}" + (f"  eval[{ev}]" if ev else "")
-            + f"  ({', '.join(f'{k} {v:.1f}s' for k, v in s.items())})")
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    ev = " ".join(f"{k}={f(v)}" for k, v in record["eval"].items())
+    return (f"iter {record['iteration'] + 1}/{iterations}  reward {f(record['reward_mean'])}"
+            f"  selected {f(record['reward_selected_mean'])}  dropped {record['n_dropped']}"
+            f"  loss {f(record['train_loss'])}" + (f"  eval[{ev}]" if ev else "")
+            + f"  ({', '.join(f'{k} {v:.1f}s' for k, v in record['seconds'].items())})")
 
 
 def _num(x: Any) -> float | None:

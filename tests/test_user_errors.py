@@ -122,3 +122,13 @@ def test_cli_subprocess_reports_user_error_without_traceback(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: config generation.resolution")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_shipped_sd15_config_validates_and_fails_offline_with_exit_2(tmp_path, capfd, monkeypatch):
+    from .conftest import REPO
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["train", str(REPO / "configs/sd15-jpeg.yaml"), "--output-dir", str(tmp_path / "run")])
+    err = capfd.readouterr().err
+    assert code == 2 and "config model.path" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

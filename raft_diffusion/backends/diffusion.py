@@ -155,7 +155,8 @@ class DiffusionBackend:
         self.accelerator = accelerator
         self.device = accelerator.device
         gen = config.generation
-        pipe = load_pipeline(config.model.path, config.model.dtype, config.model.revision, config.model.variant)
+        pipe = load_pipeline(config.model.path, config.model.dtype, config.model.revision, config.model.variant,
+                             field="config model.path")
         scale = pipe.vae_scale_factor
         if gen.resolution % scale:
             lower, upper = gen.resolution // scale * scale, -(-gen.resolution // scale) * scale
@@ -188,7 +189,7 @@ class DiffusionBackend:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError("model.path", f"prediction type {self.prediction_type!r} is not supported",
+            raise UserError("config model.path", f"prediction type {self.prediction_type!r} is not supported",
                             "use an epsilon or v-prediction model")
 
     # -- generation -------------------------------------------------------------------------
