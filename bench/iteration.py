@@ -5,7 +5,7 @@ kept, training on them. Naive: one `pipe()` call per prompt returning PIL images
 from PIL, the selected images re-encoded by the VAE, prompts re-encoded at every training step.
 Both use the same tiny pipeline, LoRA, reward, selection and number of training steps.
 
-    python bench/iteration.py [--resolution 256] [--k 8] [--b 4] [--repeats 3]
+    python bench/iteration.py [--resolution 256] [--k 8] [--b 4] [--batch-size 16] [--repeats 3]
 
 Prints seconds per phase and the ratios naive / ours; writes bench/results/iteration.json.
 """
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--b", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16, help="our generation batch (across prompts)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -103,7 +104,7 @@ def main() -> None:
         "model": {"path": "builtin:tiny-sd"}, "prompts": {"train": PROMPTS},
         "rewards": [{"name": "jpeg_compressibility"}],
         "generation": {"resolution": args.resolution, "steps": args.steps, "samples_per_prompt": args.k,
-                       "batch_size": 16},
+                       "batch_size": args.batch_size},
         "training": {"epochs": 1, "batch_size": 4},
     })
     backend = DiffusionBackend(config, Accelerator(cpu=True))
@@ -122,7 +123,7 @@ def main() -> None:
         m["total"] = sum(m.values())
     ratios = {phase: median["naive"][phase] / median["ours"][phase] for phase in median["ours"]}
     print(f"one RAFT iteration, tiny SD pipeline, {args.resolution}px, K={args.k}, b={args.b}, "
-          f"{args.steps} steps, median of {args.repeats}")
+          f"{args.steps} steps, our batch {args.batch_size}, median of {args.repeats}")
     print(f"{'phase':10}{'ours (s)':>12}{'naive (s)':>12}{'naive/ours':>12}")
     for phase in median["ours"]:
         print(f"{phase:10}{median['ours'][phase]:12.2f}{median['naive'][phase]:12.2f}{ratios[phase]:12.2f}")

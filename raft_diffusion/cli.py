@@ -60,7 +60,8 @@ def train(
     from .train import run_training
 
     run_training(cfg, search=_search_dirs(config), resume=resume, overwrite=overwrite)
-    print(f"done: {cfg.output_dir}/final")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {cfg.output_dir}/final")
 
 
 @app.command()

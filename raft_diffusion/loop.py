@@ -41,7 +41,8 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, backend, generator)
         start = state.pop("iteration") + 1
-        log(f"resumed from {checkpoint} at iteration {start}")
+        if accelerator.is_main_process:
+            log(f"resumed from {checkpoint} at iteration {start}")
     run.keep_metrics_before(start)
     eval_before = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts, "base") \
         if start == 0 and config.eval.every else None
@@ -62,6 +63,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
                         config.selection.top, config.selection.fraction)
         with timed(seconds, "train"):  # 4. Fine-tune
             loss = backend.train(shard(samples.select(chosen), accelerator), generator)
+            loss = mean_over_processes(loss, accelerator)
         with timed(seconds, "eval"):  # 5. Evaluate
             due = config.eval.every and ((it + 1) % config.eval.every == 0 or it + 1 == config.raft.iterations)
             evaluation = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts,
@@ -75,7 +77,8 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
             run.append_metrics(record)
             save_checkpoint(run.checkpoints, it, backend, state, generator, config.checkpoint.keep_last)
         accelerator.wait_for_everyone()
-        log(summary(record, config.raft.iterations))
+        if accelerator.is_main_process:
+            log(summary(record, config.raft.iterations))
 
     if accelerator.is_main_process:
         write_dir_atomically(run.final, backend.save_adapter)
@@ -122,6 +125,12 @@ def shard(samples: Samples, accelerator: Accelerator) -> Samples:
         return samples
     with accelerator.split_between_processes(list(range(len(samples))), apply_padding=True) as mine:
         return samples.select(mine)
+
+
+def mean_over_processes(value: float, accelerator: Accelerator) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean").item())
 
 
 # --- evaluation and records --------------------------------------------------------------------
