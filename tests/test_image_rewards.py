@@ -230,3 +230,23 @@ def test_score_refuses_an_option_the_reward_does_not_have(tmp_path, capsys):
     assert main(["score", "--reward", "clip", "--option", "modle=ViT-B-32", str(image)]) == 2
     err = capsys.readouterr().err
     assert "modle" in err and "model_config" in err
+
+
+def test_clip_and_aesthetic_on_the_same_images_run_the_image_tower_once(tiny_clip, tmp_path, monkeypatch):
+    head = tmp_path / "head.safetensors"
+    save_file(_laion_head(32), str(head))
+    clip_reward = build_reward("clip", _options(tiny_clip), torch.device("cpu"))
+    aesthetic_reward = build_reward("aesthetic", _options(tiny_clip, head=str(head)), torch.device("cpu"))
+    model = clip_module.load_clip(**_options(tiny_clip)).model
+    calls = []
+    encode = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda x, **k: calls.append(len(x)) or encode(x, **k))
+    _, images = _pictures(seed=5)
+    first = aesthetic_reward(images, PROMPTS)
+    clip_reward(images.clone(), PROMPTS)  # equal pixels in another tensor, as RewardSet passes them
+    assert calls == [3]
+    changed = images.clone()
+    changed[0, 0, 0, 0] = 1 - changed[0, 0, 0, 0]
+    second = aesthetic_reward(changed, PROMPTS)
+    assert calls == [3, 3] and second[0] != first[0]
+    np.testing.assert_allclose(second[1:], first[1:], atol=1e-6)

@@ -51,6 +51,7 @@ class LoadedClip:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    _last: tuple[torch.Tensor, torch.Tensor] | None = None  # (images, embeddings) of the last batch
 
     @property
     def embed_dim(self) -> int:
@@ -66,10 +67,18 @@ class LoadedClip:
             return int(self.encode_images(torch.zeros(1, 3, *size, device=self.device)).shape[1])
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> (N, D) L2-normalised image embeddings (float32)."""
-        pixels = self.preprocess(images.to(self.device, torch.float32))
-        features = self.model.encode_image(pixels.to(self.dtype))
-        return F.normalize(features.float(), dim=-1)
+        """(N, 3, H, W) in [0, 1] -> (N, D) L2-normalised image embeddings (float32).
+
+        The last batch's embeddings are kept: `clip` and `aesthetic` scoring the same images (as
+        reward and judge, or summed) run the image tower once. Reuse needs exactly equal pixels.
+        """
+        images = images.to(self.device, torch.float32)
+        if self._last is not None and self._last[0].shape == images.shape and torch.equal(self._last[0], images):
+            return self._last[1]
+        pixels = self.preprocess(images)
+        embeddings = F.normalize(self.model.encode_image(pixels.to(self.dtype)).float(), dim=-1)
+        self._last = (images.clone(), embeddings)
+        return embeddings
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """N texts -> (N, D) L2-normalised text embeddings (float32)."""
