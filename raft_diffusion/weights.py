@@ -37,7 +37,7 @@ def read_tensors(path: str | Path, field: str) -> dict[str, torch.Tensor]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever the file holds, it is the user's file that is wrong
         raise UserError(field, f"{path} cannot be loaded as weights only ({_reason(e)})",
-                        "save only the weights: torch.save(model.state_dict(), path), or use safetensors") from None
+                        "save the state dict alone, or use safetensors") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not data:
@@ -57,5 +57,6 @@ def _reason(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for line in lines:
         if line.startswith("WeightsUnpickler error"):
-            return line.split(" was not an allowed global")[0]  # not torch's advice to allowlist it
+            # Keep what it refused, not torch's advice to allowlist it.
+            return line.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

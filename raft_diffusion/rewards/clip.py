@@ -250,7 +250,7 @@ class AestheticHead(torch.nn.Module):
         return self.layers(embeddings)
 
 
-def load_aesthetic_head(path: str | Path, input_width: int, field: str) -> AestheticHead:
+def load_aesthetic_head(path: str | Path, field: str) -> AestheticHead:
     """The head in LAION's state-dict layout (layers.0/2/4/6/7.weight|bias), from .pth or .safetensors."""
     state = read_tensors(path, field)
     if set(state) != HEAD_KEYS:
@@ -258,15 +258,11 @@ def load_aesthetic_head(path: str | Path, input_width: int, field: str) -> Aesth
         raise UserError(field, f"{path} is not a LAION aesthetic head (missing {missing[:3]}, unexpected {extra[:3]})",
                         "pass sac+logos+ava1-l14-linearMSE.pth or a head with keys layers.0/2/4/6/7.weight|bias")
     shapes = [tuple(state[f"layers.{i}.weight"].shape) for i in HEAD_LINEAR_INDICES]
-    widths = [shapes[0][1]] + [s[0] for s in shapes]
-    chained = all(shapes[j][1] == shapes[j - 1][0] for j in range(1, len(shapes)))
-    if not chained or widths[-1] != 1 or any(len(s) != 2 for s in shapes):
+    if any(len(s) != 2 for s in shapes) or shapes[-1][0] != 1 \
+            or any(shapes[j][1] != shapes[j - 1][0] for j in range(1, len(shapes))):
         raise UserError(field, f"{path}: layer shapes {shapes} do not chain into one score",
                         "pass a LAION-layout aesthetic MLP")
-    if widths[0] != input_width:
-        raise UserError(field, f"{path} takes {widths[0]}-wide embeddings but the CLIP gives {input_width}",
-                        "pair the head with the CLIP it was trained on (sac+logos+ava1-l14 needs ViT-L-14)")
-    head = AestheticHead(widths)
+    head = AestheticHead([shapes[0][1]] + [s[0] for s in shapes])
     head.load_state_dict(state)
     return head.eval().requires_grad_(False)
 
@@ -283,8 +279,13 @@ def aesthetic(head: str | None = None, model: str = "ViT-L-14", pretrained: str 
         raise UserError(f"{field}.head", "the aesthetic reward needs its MLP head",
                         "set head to sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor) "
                         "or a head in its layout")
+    mlp = load_aesthetic_head(head, f"{field}.head")  # the small file first: its errors come cheap
     clip = load_clip(model, pretrained, model_config, device, dtype, field)
-    mlp = load_aesthetic_head(head, clip.embed_dim, f"{field}.head").to(clip.device)
+    width = mlp.layers[0].in_features
+    if width != clip.embed_dim:
+        raise UserError(f"{field}.head", f"{head} takes {width}-wide embeddings but {clip.name} gives "
+                        f"{clip.embed_dim}", "pair the head with its CLIP (sac+logos+ava1-l14 needs ViT-L-14)")
+    mlp.to(clip.device)
 
     def reward(images: torch.Tensor, prompts: Sequence[str]) -> list[float]:
         with torch.inference_mode():
