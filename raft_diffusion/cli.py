@@ -31,10 +31,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from diffusers.utils import logging as dlog
+    from huggingface_hub.utils import logging as hlog
     from transformers.utils import logging as tlog
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    hlog.set_verbosity_error()  # no retry chatter when the hub is unreachable: the error line says it
 
 
 def _search_dirs(config_path: Path) -> list[Path]:

@@ -120,13 +120,15 @@ def load_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", model_
             clip, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=tag, device=device, precision=PRECISION[dtype])
     except Exception as e:  # noqa: BLE001 - offline downloads and bad configs become one clear line
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
         if tag is not None or name.startswith("hf-hub:"):
-            raise UserError(f"{field}.pretrained", f"cannot fetch the weights of {name} ({tag or 'hub'}): {reason}",
+            raise UserError(f"{field}.pretrained", f"cannot fetch the {tag or 'hub'} weights of {name}: {reason}",
                             "with no hub access, download the checkpoint elsewhere and set pretrained to "
                             "its local path") from None
         raise UserError(f"{field}.model_config" if model_config else f"{field}.model",
-                        f"open_clip cannot build {name}: {reason}", "check the model config") from None
+                        f"open_clip cannot build {name}: {type(e).__name__}: {reason}",
+                        "check the model config") from None
     if weights is not None:
         state = read_tensors(weights, f"{field}.pretrained")
         try:
