@@ -99,3 +99,16 @@ def test_judges_are_recorded_under_eval_and_do_not_change_selection(tiny_config,
             .read_text().splitlines()]
     assert rows and all(not r["selected"] for r in rows)
     assert metrics_judged[-1]["eval"]["clip"] == pytest.approx(np.mean([r["scores"]["clip"] for r in rows]))
+
+
+def test_a_judge_named_like_a_training_reward_does_not_hide_it_in_eval():
+    from raft_diffusion.loop import eval_parts
+
+    images, prompts, groups = _images(2), ["a", "b"], [0, 1]
+    scored = RewardSet([RewardSpec(name="jpeg_compressibility")], torch.device("cpu"))(images, prompts, groups)
+    judged = RewardSet([RewardSpec(name="jpeg_compressibility", options={"quality": 30})],
+                       torch.device("cpu"))(images, prompts, groups)
+    parts = eval_parts(scored, judged)
+    assert set(parts) == {"reward:jpeg_compressibility", "jpeg_compressibility"}
+    np.testing.assert_allclose(parts["jpeg_compressibility"], [-s for s in jpeg_kb(images, 30)])
+    np.testing.assert_allclose(parts["reward:jpeg_compressibility"], [-s for s in jpeg_kb(images, 95)])

@@ -275,7 +275,8 @@ def aesthetic(head: str | None = None, model: str = "ViT-L-14", pretrained: str 
     """Reward = the LAION aesthetic score: the MLP `head` on the L2-normalised CLIP image embedding.
 
     The prompt is not used. `head` is the LAION `sac+logos+ava1-l14-linearMSE.pth` (with ViT-L-14
-    openai) or any head in its layout, as .pth (read with weights_only=True) or .safetensors.
+    openai) or any head in its layout, as .pth (read with weights_only=True) or .safetensors. The
+    CLIP runs in the run's dtype; the head (1 M parameters) stays float32.
     """
     if head is None:
         raise UserError(f"{field}.head", "the aesthetic reward needs its MLP head",
