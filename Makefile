@@ -22,6 +22,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/iteration.py
+	$(BIN)/python bench/rewards.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -31,10 +31,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from diffusers.utils import logging as dlog
+    from huggingface_hub.utils import logging as hlog
     from transformers.utils import logging as tlog
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    hlog.set_verbosity_error()  # no retry chatter when the hub is unreachable: the error line says it
 
 
 def _search_dirs(config_path: Path) -> list[Path]:
@@ -135,13 +137,20 @@ def generate(
 @app.command()
 def score(
     images: list[Path] = typer.Argument(..., help="Image files."),
-    reward: str = typer.Option(..., "--reward", help="Reward name."),
+    reward: str = typer.Option(..., "--reward", help="Reward name (see the error for the list)."),
     prompt: str = typer.Option("", "--prompt", help="Prompt the images are scored against."),
+    option: list[str] = typer.Option([], "--option", help="A reward option, key=value (YAML value; repeatable): "
+                                      "--option model_config=tiny.json --option pretrained=none."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images scored per forward pass."),
 ) -> None:
     """Score images with a reward; prints one score a line, in the order given."""
-    from .rewards import check_name
+    from .rewards import check_name, check_reads
 
     check_name(reward, "--reward")
+    check_reads(reward, "images", "--reward")
+    options = _parse_options(option)
+    if batch_size <= 0:
+        raise UserError("--batch-size", f"{batch_size}", "use a positive batch size")
     for path in images:
         if not path.is_file():
             raise UserError("IMAGE", f"file not found: {path}", "pass existing image files")
@@ -152,15 +161,44 @@ def score(
 
     from .rewards import build_reward
 
-    fn = build_reward(reward, {}, torch.device("cuda" if torch.cuda.is_available() else "cpu"), field="--reward")
+    fn = build_reward(reward, options, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                      field="--reward")
+    tensors = []
     for path in images:
         try:
             image = Image.open(path).convert("RGB")
         except UnidentifiedImageError:
             raise UserError("IMAGE", f"{path} is not an image", "pass PNG or JPEG files") from None
-        tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
-        with torch.inference_mode():
-            print(f"{float(fn(tensor, [prompt])[0]):.6g}")
+        tensors.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255)
+    # Batch images of one size together (a batch is one tensor); print in the order given.
+    scores: list[float] = [0.0] * len(tensors)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_size.setdefault(tuple(t.shape), []).append(i)
+    with torch.inference_mode():
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                batch_scores = fn(torch.stack([tensors[i] for i in chunk]), [prompt] * len(chunk))
+                for i, value in zip(chunk, batch_scores):
+                    scores[i] = float(value)
+    for value in scores:
+        print(f"{value:.6g}")
+
+
+def _parse_options(assignments: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key.strip():
+            raise UserError("--option", f"{assignment!r} is not key=value", "write e.g. --option pretrained=openai")
+        try:
+            options[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            options[key.strip()] = raw
+    return options
 
 
 @app.command("config-help")

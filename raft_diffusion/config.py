@@ -75,7 +75,9 @@ class RewardSpec(_Strict):
     normalize: Literal["none", "batch", "per_prompt"] = Field(
         "none", description="z-score this reward over the batch or per prompt before weighting"
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="reward-specific options")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="reward-specific options, e.g. clip: {model, pretrained, model_config}"
+    )
 
 
 class SelectionConfig(_Strict):

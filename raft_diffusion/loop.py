@@ -146,9 +146,7 @@ def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: Rew
     scored = reward(samples.outputs, samples.prompts, groups)
     judged = judges(samples.outputs, samples.prompts, groups) if judges.specs else None
     result = {"reward": nanmean(scored.total)}
-    result.update({k: nanmean(v) for k, v in scored.parts.items() if k != "reward"})
-    if judged is not None:
-        result.update({k: nanmean(v) for k, v in judged.parts.items()})
+    result.update({k: nanmean(v) for k, v in eval_parts(scored, judged).items()})
     if accelerator.is_main_process:
         where = f"{name}/eval" if name != "base" else "base_eval"
         run.clear_samples(where)
@@ -156,14 +154,21 @@ def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: Rew
     return result
 
 
+def eval_parts(scored: Scored, judged: Scored | None) -> dict[str, np.ndarray]:
+    """Per-sample scores by name: the training rewards, then the judges under their own names (a
+    training reward that a judge shares a name with, e.g. clip with another model, becomes reward:clip)."""
+    judges = judged.parts if judged is not None else {}
+    parts = {(f"reward:{k}" if k in judges or k == "reward" else k): v for k, v in scored.parts.items()}
+    return {**parts, **judges}
+
+
 def sample_rows(samples: Samples, scored: Scored, chosen: Sequence[int],
                 judged: Scored | None = None) -> list[dict[str, Any]]:
     chosen_set = set(chosen)
+    parts = eval_parts(scored, judged) if judged is not None else scored.parts
     rows = []
     for i in range(len(samples)):
-        scores = {k: _num(v[i]) for k, v in scored.parts.items()}
-        if judged is not None:
-            scores.update({k: _num(v[i]) for k, v in judged.parts.items()})
+        scores = {k: _num(v[i]) for k, v in parts.items()}
         rows.append({"prompt": samples.prompts[i], "seed": samples.seeds[i], "reward": _num(scored.total[i]),
                      "scores": scores, "selected": i in chosen_set})
     return rows

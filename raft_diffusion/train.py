@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from .config import RunConfig, config_to_yaml
 from .errors import UserError
 from .prompts import load_prompts
-from .rewards import check_name
+from .rewards import check_name, check_reads
 from .run_dir import RunDirectory
 
 
@@ -29,10 +29,13 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     train_prompts = load_prompts(config.prompts.train, "config prompts.train", search)
     eval_prompts = (load_prompts(config.prompts.eval, "config prompts.eval", search)
                     if config.prompts.eval is not None else train_prompts)
+    outputs = "images" if config.backend == "diffusion" else "texts"
     for i, spec in enumerate(config.rewards):
         check_name(spec.name, f"config rewards.{i}.name")
+        check_reads(spec.name, outputs, f"config rewards.{i}.name")
     for i, spec in enumerate(config.eval.judges):
         check_name(spec.name, f"config eval.judges.{i}.name")
+        check_reads(spec.name, outputs, f"config eval.judges.{i}.name")
     if config.selection.strategy == "per_prompt" and config.selection.top > config.generation.samples_per_prompt:
         raise UserError("config selection.top", f"{config.selection.top} exceeds samples_per_prompt "
                         f"{config.generation.samples_per_prompt}", "keep top <= generation.samples_per_prompt")
@@ -46,8 +49,11 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     from .rewards.compose import RewardSet
 
     backend = build_backend(config, accelerator)  # loads the model; checks resolution, LoRA targets
-    reward = RewardSet(config.rewards, accelerator.device, field="config rewards")
-    judges = RewardSet(config.eval.judges, accelerator.device, field="config eval.judges")
+    import torch
+
+    dtype = getattr(torch, config.model.dtype)  # rewards run on the run's device and dtype
+    reward = RewardSet(config.rewards, accelerator.device, field="config rewards", dtype=dtype)
+    judges = RewardSet(config.eval.judges, accelerator.device, field="config eval.judges", dtype=dtype)
 
     from .loop import raft
 

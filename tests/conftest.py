@@ -76,3 +76,31 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "raft_diffusion", *args], cwd=cwd or REPO,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+# A tiny open_clip model (custom config, real BPE tokenizer), as the issue's acceptance describes it.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """(config JSON, safetensors weights) of a tiny random open_clip model, seeded."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    config = folder / "raft-test-tiny-clip.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model(config.stem)
+    weights = folder / "raft-test-tiny-clip.safetensors"
+    save_file(model.state_dict(), str(weights))
+    return config, weights

@@ -33,3 +33,13 @@ def slow_jpeg(images, prompts):
     if pause:
         time.sleep(pause)
     return [-s for s in jpeg_kb(images)]
+
+
+def brightness(images, prompts):
+    """The mean pixel value of each image."""
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+def redness(images, prompts):
+    """Red minus the mean of green and blue, per image."""
+    return (images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))).tolist()

@@ -58,6 +58,23 @@ def _setup(tmp_path, case):
         cfg["selection"] = {"strategy": "per_prompt", "top": 5}
     elif case == "bad_lora_target":
         cfg["lora"]["target_modules"] = ["to_qq"]
+    elif case == "text_reward_on_images":
+        cfg["rewards"] = [{"name": "vader"}]
+    elif case == "unknown_reward_option":
+        cfg["rewards"] = [{"name": "clip", "options": {"modle": "ViT-B-32"}}]
+    elif case in ("missing_clip_weights", "pickled_aesthetic_head"):
+        import json
+
+        import torch
+
+        from .conftest import TINY_CLIP_CONFIG
+
+        (tmp_path / "clip.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+        options = {"model_config": str(tmp_path / "clip.json"), "pretrained": str(tmp_path / "nope.safetensors")}
+        if case == "pickled_aesthetic_head":
+            torch.save(torch.nn.Linear(32, 1), tmp_path / "head.pth")
+            options = {**options, "pretrained": "none", "head": str(tmp_path / "head.pth")}
+        cfg["rewards"] = [{"name": "clip" if case == "missing_clip_weights" else "aesthetic", "options": options}]
     write_yaml(path, cfg)
     return ["train", str(path), "--output-dir", str(tmp_path / "run"), *extra]
 
@@ -83,6 +100,10 @@ CASES = {
     "unknown_builtin": "model.path",
     "top_above_k": "selection.top",
     "bad_lora_target": "lora.target_modules",
+    "text_reward_on_images": "rewards.0.name",
+    "unknown_reward_option": "rewards.0.options",
+    "missing_clip_weights": "rewards.0.options.pretrained",
+    "pickled_aesthetic_head": "rewards.0.options.head",
 }
 
 
@@ -124,11 +145,12 @@ def test_cli_subprocess_reports_user_error_without_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_shipped_sd15_config_validates_and_fails_offline_with_exit_2(tmp_path, capfd, monkeypatch):
+@pytest.mark.parametrize("config", ["sd15-jpeg.yaml", "sd15-clip-aesthetic.yaml"])
+def test_shipped_sd15_config_validates_and_fails_offline_with_exit_2(tmp_path, capfd, monkeypatch, config):
     from .conftest import REPO
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["train", str(REPO / "configs/sd15-jpeg.yaml"), "--output-dir", str(tmp_path / "run")])
+    code = main(["train", str(REPO / "configs" / config), "--output-dir", str(tmp_path / "run")])
     err = capfd.readouterr().err
     assert code == 2 and "config model.path" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()

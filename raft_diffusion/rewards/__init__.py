@@ -1,8 +1,9 @@
 """Rewards by name: a name -> factory registry, as in DDPO's `rewards.py`.
 
-A factory takes the reward's `options` (keyword arguments) plus `device` and `dtype`, and returns
-a function `(outputs, prompts) -> scores`. Adding a reward means adding one factory here.
-`python:package.module:function` names a user's own `(outputs, prompts) -> scores` function.
+A factory takes the reward's `options` (keyword arguments) plus, if it declares them, `device`,
+`dtype` and `field` (the config path of its options, for error messages), loads its models once,
+and returns a function `(outputs, prompts) -> scores`. Adding a reward means adding one factory
+here. `python:package.module:function` names a user's own `(outputs, prompts) -> scores` function.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ import torch
 
 from ..errors import UserError
 from ..protocols import Reward
-from . import jpeg
+from . import clip, jpeg, text
 
 REGISTRY: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
     "jpeg_incompressibility": jpeg.jpeg_incompressibility,
+    "clip": clip.clip_score,
+    "aesthetic": clip.aesthetic,
+    "vader": text.vader,
+    "hf_classifier": text.hf_classifier,
+    "minilm_sentiment": text.minilm_sentiment,
 }
+# What each reward reads: images (N, 3, H, W) in [0, 1], or texts (list[str]).
+READS = {name: "texts" if name in ("vader", "hf_classifier", "minilm_sentiment") else "images" for name in REGISTRY}
+INJECTED = ("device", "dtype", "field")
 
 
 def available() -> list[str]:
@@ -34,6 +43,15 @@ def check_name(name: str, field: str) -> None:
         return
     raise UserError(field, f"unknown reward {name!r}",
                     f"available: {', '.join(available())}, or python:module:function")
+
+
+def check_reads(name: str, outputs: str, field: str) -> None:
+    """Refuse a registered reward that cannot read what the backend makes ("images" or "texts")."""
+    reads = READS.get(name)
+    if reads is not None and reads != outputs:
+        usable = ", ".join(n for n in available() if READS[n] == outputs)
+        raise UserError(field, f"reward {name!r} scores {reads}, but this backend makes {outputs}",
+                        f"rewards for {outputs}: {usable}")
 
 
 def _load_user_function(name: str, field: str) -> Reward:
@@ -59,13 +77,11 @@ def build_reward(name: str, options: dict[str, Any], device: torch.device,
         return _load_user_function(name, field)
     factory = REGISTRY[name]
     params = inspect.signature(factory).parameters
-    unknown = sorted(set(options) - set(params))
+    allowed = [p for p in params if p not in INJECTED]
+    unknown = sorted(set(options) - set(allowed))
     if unknown:
-        allowed = ", ".join(p for p in params if p not in ("device", "dtype")) or "none"
-        raise UserError(f"{field}.options", f"unknown option(s) {unknown} for {name}", f"allowed: {allowed}")
-    kwargs = dict(options)
-    if "device" in params:
-        kwargs["device"] = device
-    if "dtype" in params:
-        kwargs["dtype"] = dtype
+        raise UserError(f"{field}.options", f"unknown option(s) {unknown} for {name}",
+                        f"allowed: {', '.join(allowed) or 'none'}")
+    injected = {"device": torch.device(device), "dtype": dtype, "field": f"{field}.options"}
+    kwargs = {**options, **{k: v for k, v in injected.items() if k in params}}
     return factory(**kwargs)

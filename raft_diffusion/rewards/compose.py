@@ -68,9 +68,10 @@ class Scored:
 class RewardSet:
     """Several rewards, each loaded once, summed with weights."""
 
-    def __init__(self, specs: Sequence[RewardSpec], device: torch.device, field: str = "rewards"):
+    def __init__(self, specs: Sequence[RewardSpec], device: torch.device, field: str = "rewards",
+                 dtype: torch.dtype = torch.float32):
         self.specs = list(specs)
-        self.fns = [build_reward(s.name, s.options, device, field=f"{field}.{i}")
+        self.fns = [build_reward(s.name, s.options, device, dtype, field=f"{field}.{i}")
                     for i, s in enumerate(self.specs)]
 
     def names(self) -> list[str]:

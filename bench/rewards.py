@@ -1,0 +1,139 @@
+"""Scoring throughput of clip + aesthetic, batched versus one sample at a time, in one process.
+
+Both modes call the very same reward functions (one tiny open_clip model, loaded once and shared
+by the two rewards, and a LAION-layout aesthetic head) on the same 256x256 images: batched scores
+`--batch` images per call, the other mode scores one image per call, as a loop that calls the
+reward inside its sampling loop would. A third mode, batched but with the image embeddings not
+shared between the two rewards, shows what that sharing saves. The modes alternate, so all see
+the same machine load.
+
+    python bench/rewards.py [--n 64] [--batch 32] [--image-size 224] [--repeats 5] [--threads 0]
+    python bench/rewards.py --model ViT-B-32 --n 32   # a real architecture, random weights
+
+Prints samples per second of each mode and the ratio; writes bench/results/rewards.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from raft_diffusion.rewards import build_reward
+from raft_diffusion.rewards.clip import load_clip
+
+PROMPTS = ["a cat in monet style", "a red square on stripes", "a lighthouse at dusk", "a bowl of fruit",
+           "a blue star", "a green heart", "an old bicycle", "a mountain lake"]
+
+
+def tiny_clip_config(folder: Path, image_size: int) -> Path:
+    """A tiny open_clip config: ViT 64 wide, 2 layers, patch 16; text 32 wide, 2 layers."""
+    config = folder / "bench-tiny-clip.json"
+    config.write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    }))
+    return config
+
+
+def laion_head(folder: Path, width: int) -> Path:
+    """A random aesthetic head in the LAION layout for `width`-wide embeddings."""
+    g = torch.Generator().manual_seed(0)
+    widths = [width, 1024, 128, 64, 16, 1]
+    head = {}
+    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), zip(widths, widths[1:])):
+        head[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5
+        head[f"layers.{index}.bias"] = torch.zeros(fan_out)
+    head_path = folder / "head.safetensors"
+    save_file(head, str(head_path))
+    return head_path
+
+
+def score(rewards, images: torch.Tensor, prompts: list[str], batch: int, clip=None) -> list[float]:
+    """Summed clip + aesthetic scores, `batch` images per call; with `clip`, forget its last embeddings
+    before every reward call (no sharing between the two rewards)."""
+    totals = []
+    for start in range(0, len(prompts), batch):
+        chunk = images[start:start + batch]
+        parts = []
+        for fn in rewards:
+            if clip is not None:
+                clip._last = None
+            parts.append(fn(chunk, prompts[start:start + batch]))
+        totals += [sum(p) for p in zip(*parts)]
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=64, help="images scored per measurement")
+    parser.add_argument("--batch", type=int, default=32, help="images per call in the batched mode")
+    parser.add_argument("--resolution", type=int, default=256, help="side of the generated images")
+    parser.add_argument("--image-size", type=int, default=224, help="the tiny CLIP's input size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default=None, help="an open_clip model name (random weights) instead of the tiny one")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-rewards-"))
+    torch.manual_seed(0)
+    if args.model:
+        options = {"model": args.model, "pretrained": "none"}
+        described = f"{args.model} (random weights)"
+    else:
+        options = {"model_config": str(tiny_clip_config(folder, args.image_size)), "pretrained": "none"}
+        described = f"tiny open_clip (ViT 64x2, patch 16, input {args.image_size})"
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    clip = load_clip(**options, device=device)  # the one model both rewards will hold
+    load_seconds = time.perf_counter() - start
+    head = laion_head(folder, clip.embed_dim)
+    rewards = [build_reward("clip", options, device), build_reward("aesthetic", {**options, "head": str(head)}, device)]
+    assert load_clip(**options, device=device) is clip
+
+    images = torch.rand(args.n, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(1))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.n)]
+    modes = {"batched": (args.batch, None), "one_at_a_time": (1, None), "batched_unshared": (args.batch, clip)}
+    reference = score(rewards, images[:4], prompts[:4], 4)  # warm-up, and the scores all modes must give
+    for batch, unshared in modes.values():
+        got = score(rewards, images[:4], prompts[:4], batch, unshared)
+        assert max(abs(a - b) for a, b in zip(got, reference)) < 1e-3, "the modes disagree"
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.repeats):
+        for mode, (batch, unshared) in modes.items():
+            start = time.perf_counter()
+            score(rewards, images, prompts, batch, unshared)
+            seconds[mode].append(time.perf_counter() - start)
+    median = {m: statistics.median(s) for m, s in seconds.items()}
+    throughput = {m: args.n / s for m, s in median.items()}
+    ratio = throughput["batched"] / throughput["one_at_a_time"]
+
+    print(f"clip + aesthetic, {described}, {args.n} images "
+          f"{args.resolution}x{args.resolution}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'mode':16}{'seconds':>10}{'samples/s':>12}")
+    for mode in modes:
+        print(f"{mode:16}{median[mode]:10.3f}{throughput[mode]:12.1f}")
+    print(f"batched / one at a time: {ratio:.2f}x;  embeddings shared / not shared (batched): "
+          f"{median['batched_unshared'] / median['batched']:.2f}x;  model load (once for both): {load_seconds:.2f} s")
+    out = Path(__file__).parent / "results" / "rewards.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "median_seconds": median, "samples_per_second": throughput,
+                               "ratio_batched_over_one_at_a_time": ratio,
+                               "ratio_shared_over_unshared": median["batched_unshared"] / median["batched"],
+                               "all_seconds": seconds,
+                               "load_seconds": load_seconds, "torch": torch.__version__,
+                               "threads": torch.get_num_threads()}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
