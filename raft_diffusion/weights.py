@@ -60,3 +60,33 @@ def _reason(error: Exception) -> str:
             # Keep what it refused, not torch's advice to allowlist it.
             return line.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def canonicalize_safetensors(path: str | Path) -> None:
+    """Rewrite a safetensors header in a fixed order, so equal tensors give equal bytes.
+
+    safetensors keeps `__metadata__` in a hash map whose order changes from one process to the
+    next; we sort it and list tensors by their data offsets (the data itself is not moved).
+    """
+    import json
+    import os
+    import struct
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        data = f.read()
+    meta = header.pop("__metadata__", None)
+    ordered: dict = {}
+    if meta is not None:
+        ordered["__metadata__"] = dict(sorted(meta.items()))
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -86,3 +86,21 @@ def test_final_lora_alpha_scales_like_the_trained_adapter(tiny_config):
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
     assert not torch.equal(tuned.unet(x, 10, text).sample, _fresh_pipeline(config).unet(x, 10, text).sample)
+
+
+def test_canonical_safetensors_header_is_independent_of_metadata_order(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from raft_diffusion.weights import canonicalize_safetensors
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    save_file(tensors, str(one), metadata={"format": "pt", "x": "1", "y": "2"})
+    save_file(tensors, str(two), metadata={"y": "2", "x": "1", "format": "pt"})
+    canonicalize_safetensors(one)
+    canonicalize_safetensors(two)
+    assert one.read_bytes() == two.read_bytes()
+    loaded = load_file(str(one))
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with safe_open(str(one), "pt") as f:
+        assert f.metadata() == {"format": "pt", "x": "1", "y": "2"}

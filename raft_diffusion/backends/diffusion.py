@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..config import GenerationConfig, RunConfig
 from ..errors import UserError
 from ..protocols import Samples
+from ..weights import canonicalize_safetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -286,6 +287,7 @@ class DiffusionBackend:
             str(directory), unet_lora_layers=layers, safe_serialization=True,
             unet_lora_adapter_metadata=_sorted_sets(unet.peft_config["default"].to_dict()),
         )
+        canonicalize_safetensors(Path(directory) / "pytorch_lora_weights.safetensors")
 
     def training_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
