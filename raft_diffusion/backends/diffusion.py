@@ -33,7 +33,9 @@ from ..weights import canonicalize_safetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-BUILTINS = ("tiny-sd", "tiny-sd-v")
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSET_BUILTINS = {"toy-shapes": "toyworld/toy-shapes"}  # trained, shipped pipelines
+BUILTINS = ("tiny-sd", "tiny-sd-v", *ASSET_BUILTINS)  # tiny-*: random, built on the fly
 
 
 def _looks_local(path: str) -> bool:
@@ -52,6 +54,14 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
         name = path[len("builtin:"):]
         if name not in BUILTINS:
             raise UserError(field, f"unknown built-in model {name!r}", f"available: {', '.join(BUILTINS)}")
+        if name in ASSET_BUILTINS:
+            directory = ASSETS / ASSET_BUILTINS[name]
+            if not (directory / "model_index.json").is_file():
+                raise UserError(field, f"the {name} weights are missing from {directory}",
+                                "rebuild them with: python -m raft_diffusion.toyworld.build")
+            return StableDiffusionPipeline.from_pretrained(
+                str(directory), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            )
         from ..tiny import tiny_pipeline
 
         pipe = tiny_pipeline(prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")

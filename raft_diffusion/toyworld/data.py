@@ -63,7 +63,8 @@ class Scene:
 
     def caption(self, template: int = 0) -> str:
         options = TEMPLATES if self.with_colour else TEMPLATES_NO_COLOUR
-        return options[template % len(options)].format(colour=self.colour, shape=self.shape, style=self.style)
+        text = options[template % len(options)].format(colour=self.colour, shape=self.shape, style=self.style)
+        return text.replace("a orange", "an orange")
 
     def truth(self) -> dict[str, str]:
         """What an ideal oracle reads from the picture."""
