@@ -15,7 +15,7 @@ import typer
 from .errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-DEMOS = {"tiny": "demo-tiny.yaml"}
+DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml"}
 DEFAULT_DEMO = "tiny"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -89,6 +89,11 @@ def demo(
     first, last = metrics[0], metrics[-1]
     print(f"\nreward (mean over the iteration's samples): iteration 1 {first['reward_mean']:.4f}"
           f" -> iteration {last['iteration'] + 1} {last['reward_mean']:.4f}")
+    if first.get("eval_before"):
+        from . import report
+
+        print("\nevaluation on fixed prompts and seeds, base model vs tuned:\n" + report.table(cfg.output_dir))
+        print(f"before/after grid: {report.grid(cfg.output_dir)}")
     print(f"LoRA: {cfg.output_dir}/final/pytorch_lora_weights.safetensors")
 
 

@@ -42,7 +42,7 @@ def _eval_dirs(run_dir: Path) -> tuple[Path, Path]:
     last = sorted(p.parent for p in (run_dir / "samples").glob("iter_*/eval/samples.jsonl"))
     if not (run_dir / "samples/base_eval/samples.jsonl").is_file() or not last:
         raise ValueError(f"{run_dir} has no base and final evaluation samples")
-    return run_dir / "samples/base_eval", last[-1] / "eval"
+    return run_dir / "samples/base_eval", last[-1]
 
 
 def grid(run_dir: str | Path, per_row: int = 8, max_rows: int = 4, scale: int = 2) -> Path:

@@ -1,0 +1,24 @@
+"""The before/after table and grid of a run directory."""
+
+from pathlib import Path
+
+from PIL import Image
+
+from raft_diffusion import report
+from raft_diffusion.train import run_training
+
+
+def test_table_and_grid_compare_base_and_last_evaluation(tiny_config):
+    config = tiny_config(eval={"every": 1, "samples_per_prompt": 2},
+                         training={"learning_rate": 1e-2, "epochs": 2})
+    metrics = run_training(config, log=lambda s: None)
+    before, after = report.before_after(config.output_dir)
+    assert before == metrics[0]["eval_before"] and after == metrics[-1]["eval"]
+    text = report.table(config.output_dir)
+    assert text.splitlines()[0].split() == ["metric", "before", "after", "change"]
+    assert f"{before['reward']:9.4f}".strip() in text and f"{after['reward'] - before['reward']:+9.4f}".strip() in text
+    path = report.grid(config.output_dir, per_row=4)
+    image = Image.open(path)
+    n = 4 * 2  # eval prompts x samples per prompt
+    assert path == Path(config.output_dir) / "before_after.png"
+    assert image.size[0] == 4 * (64 + 4) * 2 and image.size[1] > 2 * (n // 4) * 64 * 2
