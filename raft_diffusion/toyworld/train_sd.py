@@ -37,9 +37,9 @@ CHECKPOINT_SECONDS = 180
 
 def make_vae() -> AutoencoderKL:
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), sample_size=RESOLUTION,
+        block_out_channels=(16, 32, 64), sample_size=RESOLUTION,  # thin at full resolution: CPU cost
     )
 
 
@@ -215,9 +215,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/raft-diffusion/toyworld/sd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-images", type=int, default=30000)
-    parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
