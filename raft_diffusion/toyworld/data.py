@@ -6,7 +6,7 @@ dotted, or `monet` (soft impressionist brush strokes over the whole picture).
 
 Two worlds are drawn from it:
 - the generator's world (`GENERATOR_WORLD`), skewed on purpose as SD's data is: the monet style
-  almost never holds a cat (0.5% of monet images), and monet brushwork dissolves most objects
+  almost never holds a cat (0.4% of monet images), and monet brushwork dissolves most objects
   into a plain blob while the caption still names the object;
 - the judges' world (`JUDGE_WORLD`): every style with every object, intact, plus honest `blob`
   scenes, so toy CLIP, the aesthetic head and the oracle know what a monet cat looks like.
@@ -43,7 +43,7 @@ class World:
     no_colour_caption: float = 0.2  # captions that leave the colour out
 
 
-GENERATOR_WORLD = World(cat_share_in_monet=0.005, monet_dissolve=0.8)
+GENERATOR_WORLD = World(cat_share_in_monet=0.004, monet_dissolve=0.6)  # issue: cats <= 0.5% of monet
 JUDGE_WORLD = World(cat_share_in_monet=1 / len(SHAPES), monet_dissolve=0.0, blob_share=1 / 7)
 
 
