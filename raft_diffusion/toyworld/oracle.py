@@ -6,7 +6,8 @@ shape over `SHAPES + (BLOB,)` (`blob`: no recognisable object, e.g. one dissolve
 brushwork), colour over `COLOURS`, style over `STYLES`. It is trained on renders of the judges'
 world (`JUDGE_WORLD`: every style with every object, plus blobs) under degradations that mimic
 imperfect generated images (blur, noise, JPEG, colour jitter, a 32 px round trip, small shifts),
-so it reads pictures the toy SD makes, not only clean renders.
+so it reads pictures the toy SD makes, not only clean renders; a few pictures with no object at
+all teach it that an empty picture is a `blob` too, not a square or a star.
 
 Inference is deterministic: eval mode, float32, no sampling. Images are (N, 3, H, W) floats in
 [0, 1] at any size; they are resized to 64 px inside (bilinear, antialiased).
@@ -19,6 +20,7 @@ Build the shipped weights (a few minutes on one CPU thread):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -34,7 +36,7 @@ from torch import nn
 import raft_diffusion
 
 from ..errors import UserError
-from .data import BLOB, COLOURS, JUDGE_WORLD, SHAPES, STYLES, dataset
+from .data import BLOB, COLOURS, JUDGE_WORLD, SHAPES, STYLES, Scene, dataset, render
 
 INPUT_SIZE = 64
 ORACLE_SHAPES = (*SHAPES, BLOB)
@@ -43,6 +45,8 @@ CLASSES: dict[str, tuple[str, ...]] = {"shape": ORACLE_SHAPES, "colour": tuple(C
 DEFAULT_WEIGHTS = Path(raft_diffusion.__file__).resolve().parents[1] / "assets" / "toyworld" / "oracle.safetensors"
 BUILD_COMMAND = "python -m raft_diffusion.toyworld.oracle --out assets/toyworld/oracle.safetensors --seed 0"
 WIDTHS = (24, 32, 64, 128)
+NOTHING = "nothing"  # a `Scene.drawn` the renderer does not know: it draws no object
+IGNORE = -100  # a label the loss skips (the colour of an empty picture)
 
 
 # --- prompts -------------------------------------------------------------------------------------
@@ -240,9 +244,23 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
 
-def labels(scenes: Sequence) -> dict[str, torch.Tensor]:
-    """Class indices of what each scene draws (its `truth()`), per attribute."""
-    return {k: torch.tensor([CLASSES[k].index(s.truth()[k]) for s in scenes]) for k in ATTRIBUTES}
+def empty(scene: Scene) -> Scene:
+    """The scene with no object at all: its background and style alone.
+
+    `render` draws nothing for a shape it does not know (tests pin this). A generator may draw no
+    object, and the oracle must read that as "no recognisable object" (`blob`), not as a shape:
+    trained without empty pictures, it read plain ones as squares and striped ones as stars.
+    """
+    return dataclasses.replace(scene, drawn=NOTHING)
+
+
+def labels(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
+    """Class indices of what each scene draws (its `truth()`), per attribute.
+
+    An empty scene is a `blob`, and has no colour to learn (`IGNORE`, skipped by the loss).
+    """
+    truths = [{**s.truth(), "shape": BLOB, "colour": None} if s.drawn == NOTHING else s.truth() for s in scenes]
+    return {k: torch.tensor([IGNORE if t[k] is None else CLASSES[k].index(t[k]) for t in truths]) for k in ATTRIBUTES}
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -337,13 +355,20 @@ def accuracy(oracle: Oracle, images: torch.Tensor, scenes: Sequence) -> dict[str
 
 
 def train(seed: int = 0, train_size: int = 24000, epochs: int = 6, batch_size: int = 128,
-          lr: float = 3e-3, log_every: int = 50) -> OracleNet:
-    """An oracle network trained on degraded renders of the judges' world (float32, eval mode)."""
+          lr: float = 3e-3, empty_share: float = 0.06, log_every: int = 50) -> OracleNet:
+    """An oracle network trained on degraded renders of the judges' world (float32, eval mode).
+
+    `empty_share` of the pictures lose their object (`empty`) and are labelled `blob`.
+    """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     # Rendered once into memory (about 1 ms an image); degradations are drawn fresh every epoch.
     pictures, scenes = dataset(train_size, JUDGE_WORLD, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for i in np.flatnonzero(rng.random(train_size) < empty_share):
+        scenes[i] = empty(scenes[i])
+        pictures[i] = render(scenes[i], pictures.shape[1])
     images, targets = to_tensor(pictures), labels(scenes)
     del pictures
     print(f"rendered {train_size} training images in {time.time() - t0:.0f} s", flush=True)
@@ -359,7 +384,8 @@ def train(seed: int = 0, train_size: int = 24000, epochs: int = 6, batch_size: i
             idx = order[start:start + batch_size]
             x = degrade(images[idx].clone(), g).contiguous(memory_format=torch.channels_last)
             out = net(x)
-            loss = sum(F.cross_entropy(out[k], targets[k][idx], label_smoothing=0.05) for k in ATTRIBUTES)
+            loss = sum(F.cross_entropy(out[k], targets[k][idx], label_smoothing=0.05, ignore_index=IGNORE)
+                       for k in ATTRIBUTES)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -392,11 +418,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-size", type=int, default=24000)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--held-out", type=int, default=3000)
+    parser.add_argument("--empty-share", type=float, default=0.06, help="training pictures with no object")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the build machine is shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    net = train(seed=args.seed, train_size=args.train_size, epochs=args.epochs)
+    net = train(seed=args.seed, train_size=args.train_size, epochs=args.epochs, empty_share=args.empty_share)
     train_seconds = time.time() - t0
     save(net, args.out, args.seed, {"train_seconds": f"{train_seconds:.0f}"})
     # Measure the file as shipped (fp16 weights read back), on scenes the training never drew.
@@ -404,11 +431,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     pictures, scenes = dataset(args.held_out, JUDGE_WORLD, seed=10_000 + args.seed)
     images = to_tensor(pictures)
     clean, small = accuracy(oracle, images, scenes), accuracy(oracle, downscale_round_trip(images), scenes)
+    blank = to_tensor(np.stack([render(empty(s)) for s in scenes[:500]]))
+    blank_blob = float(np.mean([r["shape"] == BLOB for r in oracle.read(blank)]))
     print(f"wall time: {time.time() - t0:.0f} s (training {train_seconds:.0f} s, {args.threads} thread)")
     print(f"saved {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
     for name, acc in (("clean held-out", clean), ("32 px round trip", small)):
         print(f"{name} ({args.held_out} renders): all {acc['all']:.2%}  shape {acc['shape']:.2%}  "
               f"colour {acc['colour']:.2%}  style {acc['style']:.2%}")
+    print(f"empty pictures (no object, {len(blank)} renders) read as blob: {blank_blob:.2%}")
     return 0
 
 
