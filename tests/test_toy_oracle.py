@@ -14,6 +14,7 @@ from raft_diffusion.errors import UserError
 from raft_diffusion.rewards import READS, build_reward
 from raft_diffusion.toyworld import oracle
 from raft_diffusion.toyworld.data import (
+    BACKGROUNDS,
     BLOB,
     COLOURS,
     GENERATOR_WORLD,
@@ -98,6 +99,20 @@ def test_judge_passes_monet_cats_and_fails_monet_blobs_for_a_cat_in_monet_style(
     assert oracle.judge(_images(cats), prompts) == [1.0] * len(cats)
     assert oracle.judge(_images(blobs), prompts) == [0.0] * len(blobs)
     assert [r["shape"] for r in oracle.read(_images(blobs))] == [BLOB] * len(blobs)
+
+
+def test_judge_fails_pictures_with_no_object_for_any_shape_prompt():
+    scenes = [oracle.empty(s) for s in _scenes(20, seed=17)]
+    images = _images(scenes)
+    assert [r["shape"] for r in oracle.read(images)] == [BLOB] * len(scenes)
+    assert oracle.judge(images, [f"a star in {s.style} style" for s in scenes]) == [0.0] * len(scenes)
+
+
+def test_an_empty_scene_renders_its_background_alone():
+    # The oracle's empty training pictures rely on render drawing nothing for an unknown `drawn`.
+    scene = oracle.empty(_scenes(1, seed=19, style="plain")[0])
+    pixels = render(scene)
+    assert (pixels == np.array(BACKGROUNDS[scene.background], dtype=np.uint8)).all()
 
 
 def test_judge_fails_an_image_with_one_wrong_attribute_and_hits_say_which():
