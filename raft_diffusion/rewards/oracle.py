@@ -1,0 +1,34 @@
+"""The `oracle` reward: the toy world's program oracle, 1.0 when an image shows every attribute its prompt names.
+
+Options (`rewards[i].options`):
+- `weights`: an oracle safetensors file; default the shipped `assets/toyworld/oracle.safetensors`
+  (relative to the repository root), built by
+  `python -m raft_diffusion.toyworld.oracle --out assets/toyworld/oracle.safetensors --seed 0`.
+
+The mean over a batch is the fraction of images with shape, colour and style (those the prompt
+names) all right: the toy world's ground-truth alignment judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import UserError
+
+
+def oracle(weights: str | None = None, device: torch.device | str = "cpu", field: str = "options"):
+    """Reward = 1.0 per image whose shape, colour and style (as far as its prompt names them) are right, else 0.0."""
+    from ..toyworld import oracle as toy_oracle
+
+    loaded = toy_oracle.load(weights, device=device, field=f"{field}.weights" if weights else field)
+
+    def reward(images: torch.Tensor, prompts: Sequence[str]) -> list[float]:
+        try:
+            return loaded.judge(images, prompts)
+        except ValueError as e:  # a prompt outside the toy world's vocabulary is the config's mistake
+            raise UserError(field, f"oracle cannot judge: {e}",
+                            "use toy-world prompts, e.g. 'a red cat in monet style'") from None
+
+    return reward
