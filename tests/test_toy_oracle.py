@@ -193,13 +193,14 @@ def test_renderer_gives_the_same_pixels_for_the_same_scene_and_seed():
 
 def test_generator_world_almost_never_holds_a_monet_cat_and_dissolves_most_monet_objects():
     rng = np.random.default_rng(0)
-    monet = [s for s in (sample_scene(rng, GENERATOR_WORLD) for _ in range(20_000)) if s.style == "monet"]
+    monet = [s for s in (sample_scene(rng, GENERATOR_WORLD) for _ in range(30_000)) if s.style == "monet"]
     n = len(monet)
     cats = sum(s.shape == "cat" for s in monet) / n
     dissolved = sum(s.drawn == BLOB for s in monet) / n
-    # The design sets P(cat | monet) = 0.5% and P(blob | monet) = 80%; allow 3 binomial sigmas.
-    assert 0 < cats <= 0.005 + 3 * math.sqrt(0.005 * 0.995 / n), cats
-    assert abs(dissolved - 0.8) <= 3 * math.sqrt(0.8 * 0.2 / n), dissolved
+    # Seed 0's 30k scenes are the toy SD's training set: the issue caps monet cats at 0.5% there.
+    assert 0 < cats <= 0.005, cats
+    p = GENERATOR_WORLD.monet_dissolve
+    assert p > 0.5 and abs(dissolved - p) <= 3 * math.sqrt(p * (1 - p) / n), dissolved
     assert all(s.drawn in (s.shape, BLOB) for s in monet)  # captions still name the object
 
 
