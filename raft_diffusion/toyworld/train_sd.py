@@ -93,16 +93,32 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(data, cache: Path, steps: int, batch: int, seed: int) -> AutoencoderKL:
-    path = cache / "vae.safetensors"
+    """Train (or continue training) the VAE to `steps`; checkpointed every few minutes."""
+    ckpt = cache / "vae"
     vae = make_vae()
-    if path.is_file():
-        vae.load_state_dict(load_file(str(path)))
-        return vae.eval()
-    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    start = 0
+    if (ckpt / "state.json").is_file():
+        vae.load_state_dict(load_file(str(ckpt / "vae.safetensors")))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        g.set_state(load_file(str(ckpt / "rng.safetensors"))["g"])
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+    if start >= steps:
+        return vae.eval()
+
+    def save(step: int) -> None:
+        def write(tmp: Path) -> None:
+            save_file(vae.state_dict(), str(tmp / "vae.safetensors"))
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            save_file({"g": g.get_state()}, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": step}))
+
+        write_dir_atomically(ckpt, write)
+
     images = data["images"]
-    t0 = time.time()
-    for step in range(steps):
+    t0 = last_save = time.time()
+    for step in range(start, steps):
         idx = torch.randint(0, len(images), (batch,), generator=g).numpy()
         x = to_tensor(images[idx])
         posterior = vae.encode(x).latent_dist
@@ -115,7 +131,10 @@ def train_vae(data, cache: Path, steps: int, batch: int, seed: int) -> Autoencod
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"vae step {step} mse {F.mse_loss(recon, x).item():.4f} ({time.time() - t0:.0f}s)", flush=True)
-    save_file(vae.state_dict(), str(path))
+        if time.time() - last_save > CHECKPOINT_SECONDS:
+            save(step + 1)
+            last_save = time.time()
+    save(steps)
     return vae.eval()
 
 
@@ -215,7 +234,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/raft-diffusion/toyworld/sd")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-images", type=int, default=30000)
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=4e-4)
