@@ -1,11 +1,14 @@
 """CLIP text-image similarity and the LAION aesthetic predictor, on any open_clip model.
 
 Options shared by both rewards (`rewards[i].options`):
-- `model`: an open_clip model name (`ViT-L-14`), or `hf-hub:ORG/REPO` / `local-dir:DIR`;
+- `model`: an open_clip model name (`ViT-L-14`), or `hf-hub:ORG/REPO` / `local-dir:DIR`, or
+  `builtin:toy-clip`, the toy shapes world's CLIP shipped in `assets/toyworld/toy-clip`;
 - `pretrained`: an open_clip tag of that model (`openai`), a local checkpoint (`.safetensors`, or
   `.pt`/`.pth`/`.bin` read with `torch.load(weights_only=True)`), or `none` for random weights;
+  a built-in model brings its own weights (the `openai` default means them);
 - `model_config`: an open_clip model config JSON (`embed_dim`, `vision_cfg`, `text_cfg`), which
   replaces `model`: how tiny and toy CLIPs are made.
+The `aesthetic` head may be `builtin:toy-aesthetic`, the head trained on toy-clip's embeddings.
 
 One CLIP is loaded per (model, weights, device, dtype) in the process and shared, so `clip` and
 `aesthetic` in the same run (as rewards or judges) load it once.
@@ -39,6 +42,13 @@ log = logging.getLogger(__name__)
 
 PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 SCHEMAS = ("hf-hub:", "local-dir:")
+
+# Built-in judges of the toy shapes world, shipped in the repository (not in the package: they are
+# trained artefacts that `python -m raft_diffusion.toyworld.train_clip` rebuilds from a seed).
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+BUILTIN_CLIPS = {"toy-clip": "toyworld/toy-clip"}  # an open_clip local-dir: config + fp16 weights
+BUILTIN_HEADS = {"toy-aesthetic": "toyworld/toy-aesthetic.safetensors"}
+BUILD_HINT = "build them with: python -m raft_diffusion.toyworld.train_clip --out assets/toyworld --seed 0"
 
 
 @dataclass
@@ -98,10 +108,17 @@ def load_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", model_
     device = torch.device(device)
     if dtype not in PRECISION:
         raise UserError(field, f"dtype {dtype} is not supported by open_clip", "use float32, float16 or bfloat16")
+    builtin = model_config is None and str(model).startswith("builtin:")
     if model_config is not None:
         config_path = Path(model_config).expanduser().resolve()
         name = _register_config(config_path, f"{field}.model_config")
         source: tuple = ("config", str(config_path), config_path.stat().st_mtime_ns)
+    elif builtin:
+        folder = _builtin_clip_folder(str(model), f"{field}.model")
+        # open_clip builds the architecture (and its preprocess) from the folder; the weights are
+        # read below through read_tensors, like every other checkpoint.
+        name = f"local-dir:{folder}"
+        source = ("builtin", str(folder), (folder / "open_clip_config.json").stat().st_mtime_ns)
     else:
         name = str(model)
         source = ("name", name)
@@ -109,7 +126,11 @@ def load_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", model_
             raise UserError(f"{field}.model", f"unknown open_clip model {name!r}",
                             "use a name from open_clip.list_models() (e.g. ViT-L-14), or set model_config "
                             "to a model config JSON")
-    tag, weights = _resolve_pretrained(open_clip, name, pretrained, model_config is not None, f"{field}.pretrained")
+    if builtin:
+        tag, weights = None, _builtin_clip_weights(folder, str(model), pretrained, field)
+    else:
+        tag, weights = _resolve_pretrained(open_clip, name, pretrained, model_config is not None,
+                                           f"{field}.pretrained")
     key = (source, tag, str(weights) if weights else None,
            weights.stat().st_mtime_ns if weights else None, str(device), dtype)
     if key in _LOADED:
@@ -118,7 +139,7 @@ def load_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", model_
     try:
         with _root_logger_quiet():  # open_clip logs its failures on the root logger; we raise one line
             clip, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=tag, device=device, precision=PRECISION[dtype])
+                name, pretrained=tag, device=device, precision=PRECISION[dtype], load_weights=not builtin)
     except Exception as e:  # noqa: BLE001 - offline downloads and bad configs become one clear line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
@@ -138,16 +159,17 @@ def load_clip(model: str = "ViT-L-14", pretrained: str | None = "openai", model_
             raise UserError(f"{field}.pretrained", f"{weights} does not fit {name}: "
                             f"{' '.join(first[:2])[:300]}",
                             "pass an open_clip state dict saved from this model config") from None
-    elif tag is None and not name.startswith(SCHEMAS):
-        log.warning("CLIP %s has random weights (pretrained: none): fine for tests, meaningless as a reward", name)
+    elif tag is None and (builtin or not name.startswith(SCHEMAS)):
+        log.warning("CLIP %s has random weights (pretrained: none): fine for tests, meaningless as a reward",
+                    model if builtin else name)
     clip.eval().requires_grad_(False)
     try:
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:  # noqa: BLE001 - e.g. an HF tokenizer that cannot be downloaded
         raise UserError(f"{field}.model", f"cannot load the tokenizer of {name}: {type(e).__name__}: {e}",
                         "use a model whose tokenizer is available offline") from None
-    loaded = LoadedClip(name=name, model=clip, preprocess=preprocess, tokenizer=tokenizer,
-                        device=device, dtype=dtype)
+    loaded = LoadedClip(name=str(model) if builtin else name, model=clip, preprocess=preprocess,
+                        tokenizer=tokenizer, device=device, dtype=dtype)
     _LOADED[key] = loaded
     return loaded
 
@@ -180,6 +202,51 @@ def _register_config(path: Path, field: str) -> str:
     # open_clip names configs by file stem; registering the file last makes it win over a namesake.
     open_clip.add_model_config(path)
     return path.stem
+
+
+def _builtin_clip_folder(model: str, field: str) -> Path:
+    """The asset folder of `builtin:NAME`; a missing or unbuilt one is a UserError naming `field`."""
+    key = model[len("builtin:"):]
+    if key not in BUILTIN_CLIPS:
+        raise UserError(field, f"unknown built-in CLIP {model!r}",
+                        f"available: {', '.join('builtin:' + k for k in BUILTIN_CLIPS)}")
+    folder = ASSETS / BUILTIN_CLIPS[key]
+    if not (folder / "open_clip_config.json").is_file():
+        raise UserError(field, f"built-in CLIP {model} is not built: {folder / 'open_clip_config.json'} is missing",
+                        BUILD_HINT)
+    return folder
+
+
+def _builtin_clip_weights(folder: Path, model: str, pretrained: str | None, field: str) -> Path | None:
+    """The weights a built-in CLIP loads: its own unless `pretrained` is a local file or `none`.
+
+    `openai` is the option's default, so here it means "the model's own weights", not OpenAI's.
+    """
+    value = "" if pretrained is None else str(pretrained).strip()
+    if value.lower() == "none":
+        return None
+    if value in ("", "openai"):
+        weights = folder / "open_clip_model.safetensors"
+        if not weights.is_file():
+            raise UserError(f"{field}.model", f"built-in CLIP {model} is not built: {weights} is missing", BUILD_HINT)
+        return weights
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.resolve()
+    raise UserError(f"{field}.pretrained", f"{value!r} is not an existing file, and {model} brings its own weights",
+                    "leave pretrained unset for the shipped weights, or pass a local .safetensors of this model")
+
+
+def builtin_head(head: str, field: str) -> Path:
+    """The file of `builtin:NAME` for an aesthetic head; a missing or unbuilt one is a UserError."""
+    key = head[len("builtin:"):]
+    if key not in BUILTIN_HEADS:
+        raise UserError(field, f"unknown built-in aesthetic head {head!r}",
+                        f"available: {', '.join('builtin:' + k for k in BUILTIN_HEADS)}")
+    path = ASSETS / BUILTIN_HEADS[key]
+    if not path.is_file():
+        raise UserError(field, f"built-in aesthetic head {head} is not built: {path} is missing", BUILD_HINT)
+    return path
 
 
 def _resolve_pretrained(open_clip, name: str, pretrained: str | None, custom: bool,
@@ -275,19 +342,29 @@ def aesthetic(head: str | None = None, model: str = "ViT-L-14", pretrained: str 
     """Reward = the LAION aesthetic score: the MLP `head` on the L2-normalised CLIP image embedding.
 
     The prompt is not used. `head` is the LAION `sac+logos+ava1-l14-linearMSE.pth` (with ViT-L-14
-    openai) or any head in its layout, as .pth (read with weights_only=True) or .safetensors. The
-    CLIP runs in the run's dtype; the head (1 M parameters) stays float32.
+    openai) or any head in its layout, as .pth (read with weights_only=True) or .safetensors, or
+    `builtin:toy-aesthetic` (with `model: builtin:toy-clip`). The CLIP runs in the run's dtype; the
+    head (1 M parameters) stays float32.
     """
     if head is None:
         raise UserError(f"{field}.head", "the aesthetic reward needs its MLP head",
                         "set head to sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor) "
                         "or a head in its layout")
+    if str(head).startswith("builtin:"):
+        path = builtin_head(str(head), f"{field}.head")
+        if model_config is None and not str(model).startswith("builtin:"):
+            # Without this, the ViT-L-14 default would be fetched (or fail offline) before the
+            # width check could say that the toy head needs the toy CLIP.
+            raise UserError(f"{field}.model", f"{head} scores embeddings of builtin:toy-clip, not of {model}",
+                            "set model: builtin:toy-clip")
+        head = str(path)
     mlp = load_aesthetic_head(head, f"{field}.head")  # the small file first: its errors come cheap
     clip = load_clip(model, pretrained, model_config, device, dtype, field)
     width = mlp.layers[0].in_features
     if width != clip.embed_dim:
         raise UserError(f"{field}.head", f"{head} takes {width}-wide embeddings but {clip.name} gives "
-                        f"{clip.embed_dim}", "pair the head with its CLIP (sac+logos+ava1-l14 needs ViT-L-14)")
+                        f"{clip.embed_dim}", "pair the head with its CLIP (sac+logos+ava1-l14 needs ViT-L-14, "
+                        "builtin:toy-aesthetic needs builtin:toy-clip)")
     mlp.to(clip.device)
 
     def reward(images: torch.Tensor, prompts: Sequence[str]) -> list[float]:
