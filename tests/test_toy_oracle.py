@@ -209,3 +209,14 @@ def test_judge_world_has_every_style_with_every_object_intact():
     scenes = [sample_scene(rng, JUDGE_WORLD) for _ in range(5_000)]
     assert {(s.style, s.drawn) for s in scenes} == {(st, sh) for st in STYLES for sh in (*SHAPES, BLOB)}
     assert all(s.drawn == s.shape for s in scenes)
+
+
+def test_in_distribution_eval_prompts_skip_the_rare_pair_and_parse():
+    from raft_diffusion.toyworld.evaluate import in_distribution_prompts
+    from raft_diffusion.toyworld.oracle import parse_prompt
+
+    prompts = in_distribution_prompts(60)
+    parsed = [parse_prompt(p) for p in prompts]
+    assert len(set(prompts)) == 60
+    assert all({"shape", "colour", "style"} <= set(p) for p in parsed)
+    assert not any(p["shape"] == "cat" and p["style"] == "monet" for p in parsed)
