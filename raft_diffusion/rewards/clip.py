@@ -204,13 +204,18 @@ def _register_config(path: Path, field: str) -> str:
     return path.stem
 
 
+def _builtin_asset(name: str, table: dict[str, str], kind: str, field: str) -> Path:
+    """Where the asset of `builtin:KEY` lives; an unknown KEY is a UserError listing the known ones."""
+    key = name[len("builtin:"):]
+    if key not in table:
+        raise UserError(field, f"unknown built-in {kind} {name!r}",
+                        f"available: {', '.join('builtin:' + k for k in table)}")
+    return ASSETS / table[key]
+
+
 def _builtin_clip_folder(model: str, field: str) -> Path:
     """The asset folder of `builtin:NAME`; a missing or unbuilt one is a UserError naming `field`."""
-    key = model[len("builtin:"):]
-    if key not in BUILTIN_CLIPS:
-        raise UserError(field, f"unknown built-in CLIP {model!r}",
-                        f"available: {', '.join('builtin:' + k for k in BUILTIN_CLIPS)}")
-    folder = ASSETS / BUILTIN_CLIPS[key]
+    folder = _builtin_asset(model, BUILTIN_CLIPS, "CLIP", field)
     if not (folder / "open_clip_config.json").is_file():
         raise UserError(field, f"built-in CLIP {model} is not built: {folder / 'open_clip_config.json'} is missing",
                         BUILD_HINT)
@@ -239,11 +244,7 @@ def _builtin_clip_weights(folder: Path, model: str, pretrained: str | None, fiel
 
 def builtin_head(head: str, field: str) -> Path:
     """The file of `builtin:NAME` for an aesthetic head; a missing or unbuilt one is a UserError."""
-    key = head[len("builtin:"):]
-    if key not in BUILTIN_HEADS:
-        raise UserError(field, f"unknown built-in aesthetic head {head!r}",
-                        f"available: {', '.join('builtin:' + k for k in BUILTIN_HEADS)}")
-    path = ASSETS / BUILTIN_HEADS[key]
+    path = _builtin_asset(head, BUILTIN_HEADS, "aesthetic head", field)
     if not path.is_file():
         raise UserError(field, f"built-in aesthetic head {head} is not built: {path} is missing", BUILD_HINT)
     return path
