@@ -133,19 +133,13 @@ def test_shipped_toy_judges_are_fp16_clip_and_laion_layout_head_under_12_mb():
 # --- errors ----------------------------------------------------------------------------------------
 
 
-def test_unbuilt_toy_clip_is_a_user_error_naming_the_option_and_the_build_command(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reward, options, option", [("clip", CLIP, "model"), ("aesthetic", AESTHETIC, "head")])
+def test_unbuilt_toy_judge_is_a_user_error_naming_the_option_and_the_build_command(
+        tmp_path, monkeypatch, reward, options, option):
     monkeypatch.setattr(clip_module, "ASSETS", tmp_path)
     with pytest.raises(UserError) as error:
-        build_reward("clip", CLIP, CPU, field="config rewards.0")
-    assert error.value.field == "config rewards.0.options.model"
-    assert "python -m raft_diffusion.toyworld.train_clip" in error.value.fix
-
-
-def test_unbuilt_toy_aesthetic_is_a_user_error_naming_the_head_option(tmp_path, monkeypatch):
-    monkeypatch.setattr(clip_module, "ASSETS", tmp_path)
-    with pytest.raises(UserError) as error:
-        build_reward("aesthetic", AESTHETIC, CPU, field="config rewards.1")
-    assert error.value.field == "config rewards.1.options.head"
+        build_reward(reward, options, CPU, field="config rewards.0")
+    assert error.value.field == f"config rewards.0.options.{option}"
     assert "python -m raft_diffusion.toyworld.train_clip" in error.value.fix
 
 
