@@ -89,6 +89,34 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+# --- resumable stages -------------------------------------------------------------------------------
+
+
+def save_stage(ckpt: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+               g: torch.Generator, step: int) -> None:
+    """Checkpoint a training stage atomically: NAME.safetensors per module, optimizer, RNG, step."""
+    def write(tmp: Path) -> None:
+        for name, module in modules.items():
+            save_file(module.state_dict(), str(tmp / f"{name}.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        save_file({"g": g.get_state()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+
+    write_dir_atomically(ckpt, write)
+
+
+def load_stage(ckpt: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+               g: torch.Generator) -> int:
+    """Restore what `save_stage` wrote; the step to continue from (0 when there is no checkpoint)."""
+    if not (ckpt / "state.json").is_file():
+        return 0
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(ckpt / f"{name}.safetensors")))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    g.set_state(load_file(str(ckpt / "rng.safetensors"))["g"])
+    return json.loads((ckpt / "state.json").read_text())["step"]
+
+
 # --- stage 2: VAE --------------------------------------------------------------------------------
 
 
@@ -98,23 +126,12 @@ def train_vae(data, cache: Path, steps: int, batch: int, seed: int) -> Autoencod
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    start = 0
-    if (ckpt / "state.json").is_file():
-        vae.load_state_dict(load_file(str(ckpt / "vae.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        g.set_state(load_file(str(ckpt / "rng.safetensors"))["g"])
-        start = json.loads((ckpt / "state.json").read_text())["step"]
+    start = load_stage(ckpt, {"vae": vae}, opt, g)
     if start >= steps:
         return vae.eval()
 
     def save(step: int) -> None:
-        def write(tmp: Path) -> None:
-            save_file(vae.state_dict(), str(tmp / "vae.safetensors"))
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            save_file({"g": g.get_state()}, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"step": step}))
-
-        write_dir_atomically(ckpt, write)
+        save_stage(ckpt, {"vae": vae}, opt, g, step)
 
     images = data["images"]
     t0 = last_save = time.time()
@@ -165,13 +182,8 @@ def train_denoiser(data, mean, std, scale, cache: Path, steps: int, batch: int, 
     g = torch.Generator().manual_seed(seed)
     sched = DDPMScheduler.from_config(sd_scheduler().config)
     ckpt = cache / "denoiser"
-    start = 0
-    if (ckpt / "state.json").is_file():
-        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
-        text.load_state_dict(load_file(str(ckpt / "text.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        g.set_state(load_file(str(ckpt / "rng.safetensors"))["g"])
-        start = json.loads((ckpt / "state.json").read_text())["step"]
+    start = load_stage(ckpt, {"unet": unet, "text": text}, opt, g)
+    if start:
         print(f"resumed denoiser at step {start}", flush=True)
     ids, empty = torch.from_numpy(data["ids"]).long(), torch.from_numpy(data["empty"]).long()
     n, n_templates = ids.shape[0], ids.shape[1]
@@ -180,14 +192,7 @@ def train_denoiser(data, mean, std, scale, cache: Path, steps: int, batch: int, 
     t0, last_save, losses = time.time(), time.time(), []
 
     def save(step: int) -> None:
-        def write(tmp: Path) -> None:
-            save_file(unet.state_dict(), str(tmp / "unet.safetensors"))
-            save_file(text.state_dict(), str(tmp / "text.safetensors"))
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            save_file({"g": g.get_state()}, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"step": step}))
-
-        write_dir_atomically(ckpt, write)
+        save_stage(ckpt, {"unet": unet, "text": text}, opt, g, step)
 
     for step in range(start, steps):
         for group in opt.param_groups:  # short warm-up, then cosine decay to 10%
