@@ -61,17 +61,14 @@ def pipeline_from_cache(cache: Path) -> StableDiffusionPipeline:
 def measure(pipe: StableDiffusionPipeline, prompts: list[str], per_prompt: int, resolution: int,
             steps: int = 25, guidance: float = 4.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Oracle accuracy (all prompted attributes, and each one) of `per_prompt` images per prompt."""
-    from ..backends.diffusion import decode_latents
+    from ..backends.diffusion import encode_prompts, generate_latents
+    from ..config import GenerationConfig
 
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    images = []
-    for i in range(0, len(all_prompts), 32):
-        batch = all_prompts[i:i + 32]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(batch))]
-        latents = pipe(batch, height=resolution, width=resolution, num_inference_steps=steps,
-                       guidance_scale=guidance, generator=gens, output_type="latent").images
-        images.append(decode_latents(pipe, latents))
-    images = torch.cat(images)
+    gen = GenerationConfig(resolution=resolution, steps=steps, guidance_scale=guidance, batch_size=32)
+    cond, uncond = encode_prompts(pipe, all_prompts, gen)
+    seeds = [seed + k for k in range(len(all_prompts))]
+    _, images = generate_latents(pipe, cond, uncond, seeds, gen, desc="evaluate")
     hits = oracle.attribute_hits(images, all_prompts)
     report = {"all": float(np.mean(oracle.judge(images, all_prompts))), "n": len(all_prompts)}
     for attribute in ("shape", "colour", "style"):
