@@ -13,8 +13,8 @@ import click
 import typer
 
 from .errors import UserError
+from .paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml"}
 DEFAULT_DEMO = "tiny"
 

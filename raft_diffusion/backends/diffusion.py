@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from ..config import GenerationConfig, RunConfig
 from ..errors import UserError
+from ..paths import ASSETS
 from ..protocols import Samples
 from ..weights import canonicalize_safetensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 ASSET_BUILTINS = {"toy-shapes": "toyworld/toy-shapes"}  # trained, shipped pipelines
 BUILTINS = ("tiny-sd", "tiny-sd-v", *ASSET_BUILTINS)  # tiny-*: random, built on the fly
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..paths import ASSETS
 from ..weights import read_tensors
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ SCHEMAS = ("hf-hub:", "local-dir:")
 
 # Built-in judges of the toy shapes world, shipped in the repository (not in the package: they are
 # trained artefacts that `python -m raft_diffusion.toyworld.train_clip` rebuilds from a seed).
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 BUILTIN_CLIPS = {"toy-clip": "toyworld/toy-clip"}  # an open_clip local-dir: config + fp16 weights
 BUILTIN_HEADS = {"toy-aesthetic": "toyworld/toy-aesthetic.safetensors"}
 BUILD_HINT = "build them with: python -m raft_diffusion.toyworld.train_clip --out assets/toyworld --seed 0"

@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toyworld"
+from .. import paths
+
+ASSETS = paths.ASSETS / "toyworld"
 
 
 def stages(assets: Path, seed: int) -> list[list[str]]:

@@ -33,16 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import raft_diffusion
-
 from ..errors import UserError
+from ..paths import ASSETS
 from .data import BLOB, COLOURS, JUDGE_WORLD, SHAPES, STYLES, Scene, dataset, render
 
 INPUT_SIZE = 64
 ORACLE_SHAPES = (*SHAPES, BLOB)
 ATTRIBUTES = ("shape", "colour", "style")
 CLASSES: dict[str, tuple[str, ...]] = {"shape": ORACLE_SHAPES, "colour": tuple(COLOURS), "style": STYLES}
-DEFAULT_WEIGHTS = Path(raft_diffusion.__file__).resolve().parents[1] / "assets" / "toyworld" / "oracle.safetensors"
+DEFAULT_WEIGHTS = ASSETS / "toyworld" / "oracle.safetensors"
 BUILD_COMMAND = "python -m raft_diffusion.toyworld.oracle --out assets/toyworld/oracle.safetensors --seed 0"
 WIDTHS = (24, 32, 64, 128)
 NOTHING = "nothing"  # a `Scene.drawn` the renderer does not know: it draws no object
