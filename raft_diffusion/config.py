@@ -7,7 +7,7 @@ Unknown keys are rejected, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -71,6 +71,9 @@ class GenerationConfig(_Strict):
 
 class RewardSpec(_Strict):
     name: str = Field(..., description="registered reward name, or python:module:function")
+    label: Optional[str] = Field(
+        None, description="name in metrics, samples.jsonl and tables (default: name); tells apart two uses of one reward"
+    )
     weight: float = Field(1.0, description="weight in the summed reward")
     normalize: Literal["none", "batch", "per_prompt"] = Field(
         "none", description="z-score this reward over the batch or per prompt before weighting"

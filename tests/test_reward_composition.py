@@ -53,6 +53,12 @@ def test_the_same_reward_twice_gets_two_labels():
     assert not np.allclose(scored.parts["jpeg_compressibility"], scored.parts["jpeg_compressibility#2"])
 
 
+def test_a_label_names_a_reward_in_the_scores():
+    rewards = RewardSet([RewardSpec(name="jpeg_compressibility", label="small_files"),
+                         RewardSpec(name="jpeg_compressibility", options={"quality": 50})], torch.device("cpu"))
+    assert list(rewards(_images(2), ["a", "b"], [0, 1]).parts) == ["small_files", "jpeg_compressibility"]
+
+
 def test_a_user_reward_from_a_module_scores_like_the_function_itself():
     images = _images(4)
     rewards = RewardSet([RewardSpec(name=USER + "content_hash_scores")], torch.device("cpu"))

@@ -167,6 +167,23 @@ def test_registry_builds_the_oracle_reward_from_the_shipped_weights():
     assert oracle.load() is oracle.load()  # loaded once per process
 
 
+def test_oracle_reward_restricted_to_shape_and_style_ignores_a_wrong_colour():
+    blue_cat = _scenes(1, seed=5, style="monet", shape="cat", colour="blue")[0]
+    images = _images([blue_cat, dataclasses.replace(blue_cat, drawn=BLOB)])
+    prompts = ["a red cat in monet style"] * 2
+    assert build_reward("oracle", {}, CPU)(images, prompts) == [0.0, 0.0]
+    assert build_reward("oracle", {"attributes": ["shape", "style"]}, CPU)(images, prompts) == [1.0, 0.0]
+    with pytest.raises(UserError, match="names no toy-world colour"):
+        build_reward("oracle", {"attributes": ["colour"]}, CPU)(images, ["a cat in monet style"] * 2)
+
+
+@pytest.mark.parametrize("attributes", [[], ["shape", "size"], "shape"])
+def test_oracle_reward_refuses_unknown_attributes(attributes):
+    with pytest.raises(UserError) as e:
+        build_reward("oracle", {"attributes": attributes}, CPU, field="eval.judges.1")
+    assert e.value.field == "eval.judges.1.options.attributes"
+
+
 def test_oracle_reward_with_missing_weights_says_how_to_build_them(tmp_path):
     with pytest.raises(UserError) as e:
         build_reward("oracle", {"weights": str(tmp_path / "none.safetensors")}, CPU, field="rewards.0")

@@ -79,8 +79,9 @@ class RewardSet:
         seen: dict[str, int] = {}
         labels = []
         for s in self.specs:
-            seen[s.name] = seen.get(s.name, 0) + 1
-            labels.append(s.name if seen[s.name] == 1 else f"{s.name}#{seen[s.name]}")
+            base = s.label or s.name
+            seen[base] = seen.get(base, 0) + 1
+            labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
         return labels
 
     def __call__(self, outputs, prompts: Sequence[str], groups: Sequence[int], batch_size: int = 64) -> Scored:

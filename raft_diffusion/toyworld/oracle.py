@@ -151,16 +151,21 @@ class Oracle:
         return [{k: seen[k] == v for k, v in parse_prompt(p).items()}
                 for seen, p in zip(self.read(images), prompts)]
 
-    def judge(self, images: torch.Tensor, prompts: Sequence[str]) -> list[float]:
+    def judge(self, images: torch.Tensor, prompts: Sequence[str],
+              attributes: Sequence[str] | None = None) -> list[float]:
         """1.0 for each image with every attribute its prompt names right, else 0.0.
 
-        A prompt that names no shape, colour or style raises ValueError: there would be nothing to
-        check, and a vacuous 1.0 would pass for a judgement.
+        `attributes` restricts the check (e.g. ("shape", "style"): a cat in monet style, any colour).
+        A prompt that names none of the checked attributes raises ValueError: there would be nothing
+        to check, and a vacuous 1.0 would pass for a judgement.
         """
         hits = self.attribute_hits(images, prompts)
+        if attributes is not None:
+            hits = [{k: v for k, v in h.items() if k in attributes} for h in hits]
         for h, p in zip(hits, prompts):
             if not h:
-                raise ValueError(f"prompt {p!r} names no toy-world shape, colour or '<style> style'")
+                checked = ", ".join(attributes) if attributes is not None else "shape, colour or '<style> style'"
+                raise ValueError(f"prompt {p!r} names no toy-world {checked}")
         return [float(all(h.values())) for h in hits]
 
 
