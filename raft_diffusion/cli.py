@@ -70,6 +70,7 @@ def train(
 def demo(
     name: str = typer.Argument(DEFAULT_DEMO, help=f"Demo to run: {', '.join(DEMOS)}."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default runs/demo-NAME)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field of the demo's config: --set raft.iterations=2."),
 ) -> None:
     """Run a shipped CPU demo end to end (it replaces its own earlier run directory)."""
     if name not in DEMOS:
@@ -79,7 +80,7 @@ def demo(
         raise UserError("demo", f"{path} is missing", "run the demo from a checkout of raft-diffusion")
     from .config import load_config
 
-    cfg = load_config(path)
+    cfg = load_config(path, list(set_))
     cfg.output_dir = str(output_dir or Path("runs") / f"demo-{name}")
     _quiet_libraries()
     from .train import run_training

@@ -98,6 +98,10 @@ class TrainingConfig(_Strict):
     epochs: int = Field(1, gt=0, description="passes over the selected samples per iteration")
     batch_size: int = Field(8, gt=0, description="micro-batch size")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    caption_dropout: float = Field(
+        0.0, ge=0, lt=1, description="diffusion: fraction of training samples whose prompt is replaced by the "
+        "empty prompt, so the unconditional branch that guidance subtracts learns alongside"
+    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
     weight_decay: float = Field(1.0e-2, ge=0, description="AdamW weight decay")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")

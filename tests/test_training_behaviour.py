@@ -103,3 +103,15 @@ def test_dpm_solver_sampler_generates_deterministically(tiny_config):
     a = backend.generate(["a cat", "a dog"], [1, 2])
     b = backend.generate(["a cat", "a dog"], [1, 2])
     assert torch.equal(a.outputs, b.outputs) and a.outputs.shape == (2, 3, 64, 64)
+
+
+def test_caption_dropout_trains_a_share_of_samples_on_the_empty_prompt(tiny_config):
+    backend = DiffusionBackend(tiny_config(training={"caption_dropout": 0.5}), Accelerator(cpu=True))
+    empty = backend.pipe.encode_prompt([""], backend.device, 1, False)[0]
+    text = backend.pipe.encode_prompt(["a cat"], backend.device, 1, False)[0].repeat(64, 1, 1)
+    dropped = backend._drop_captions(text, torch.Generator().manual_seed(0))
+    is_empty = torch.tensor([torch.equal(row, empty[0]) for row in dropped])
+    kept = torch.tensor([torch.equal(row, original) for row, original in zip(dropped, text)])
+    assert 16 <= int(is_empty.sum()) <= 48 and bool((is_empty ^ kept).all())
+    backend.config.training.caption_dropout = 0.0
+    assert backend._drop_captions(text, torch.Generator().manual_seed(0)) is text

@@ -59,9 +59,7 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
             if not (directory / "model_index.json").is_file():
                 raise UserError(field, f"the {name} weights are missing from {directory}",
                                 "rebuild them with: python -m raft_diffusion.toyworld.build")
-            return StableDiffusionPipeline.from_pretrained(
-                str(directory), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-            )
+            return load_pipeline(str(directory), dtype, field=field)
         from ..tiny import tiny_pipeline
 
         pipe = tiny_pipeline(prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
@@ -77,8 +75,14 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
             if not (local / "model_index.json").is_file():
                 raise UserError(field, f"{path} has no model_index.json",
                                 "pass a directory saved by DiffusionPipeline.save_pretrained")
+            extra = {}
+            if not (local / "tokenizer").is_dir():
+                from ..tokenizer import clip_tokenizer
+
+                # SD 1.x's CLIP BPE, from open_clip's bundled vocabulary (the toy asset omits tokenizer/).
+                extra["tokenizer"] = clip_tokenizer()
             return StableDiffusionPipeline.from_pretrained(
-                str(local), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+                str(local), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **extra
             )
         except UserError:
             raise
@@ -194,6 +198,8 @@ class DiffusionBackend:
             unet.enable_gradient_checkpointing()
         pipe.to(self.device)
         self.pipe = pipe
+        with torch.inference_mode():  # what caption dropout trains the unconditional branch on
+            self.empty_embeds = pipe.encode_prompt([""], self.device, 1, False)[0].float().cpu()
         train = config.training
         optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
@@ -227,6 +233,14 @@ class DiffusionBackend:
             pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(self.device, dtype)).sample
         return F.mse_loss(pred.float(), target.float())
 
+    def _drop_captions(self, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Replace a `training.caption_dropout` share of the prompt embeddings by the empty prompt's."""
+        p = self.config.training.caption_dropout
+        if not p:
+            return text
+        drop = torch.rand(len(text), generator=generator) < p
+        return torch.where(drop[:, None, None], self.empty_embeds.to(text.dtype), text)
+
     def train(self, samples: Samples, generator: torch.Generator) -> float:
         """Fine-tune the LoRA on `samples`; returns the mean loss (NaN when there is nothing)."""
         cfg = self.config.training
@@ -251,7 +265,7 @@ class DiffusionBackend:
                     last = j == len(group) - 1
                     context = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
                     with context:
-                        loss = self._loss(latents[batch], text[batch], generator)
+                        loss = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
                         self.accelerator.backward(loss * len(batch) / total)
                     losses.append(loss.item())
                     bar.update(1)

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -230,7 +231,17 @@ def save_pipeline(vae, unet, text, scale: float, out: Path) -> None:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16)
-    write_dir_atomically(out, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        # 3.5 MB of BPE files that open_clip already ships: `load_pipeline` passes the same tokenizer
+        # for a directory without tokenizer/; model_index.json says so (null) for other loaders.
+        shutil.rmtree(tmp / "tokenizer")
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["tokenizer"] = [None, None]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    write_dir_atomically(out, write)
 
 
 def main() -> None:
