@@ -119,16 +119,35 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids), both (B, k), of the most likely tokens in decreasing order, zero
+    past the smallest prefix whose mass reaches `top_p` (the first token always stays).
+
+    A top-k search is far cheaper than sorting the whole vocabulary; k grows until every row's
+    nucleus lies inside it, so the result is that of a full sort.
+    """
+    vocab, k = probs.shape[-1], min(probs.shape[-1], 256)
+    while True:
+        top, ids = probs.topk(k, dim=-1)
+        if k == vocab or bool((top.sum(-1) >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    return top.masked_fill(top.cumsum(-1) - top > top_p, 0.0), ids
+
+
 def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], temperature: float,
                 top_p: float) -> torch.Tensor:
-    """One token per row of `logits` (B, V), drawn with that row's own generator."""
+    """One token per row of `logits` (B, V), drawn with that row's own generator (inverse CDF:
+    one uniform number per row, looked up in the row's cumulative probabilities)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    ids = None
     if top_p < 1:
-        # Nucleus: keep the most likely tokens until their mass reaches top_p (the first always stays).
-        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+        probs, ids = nucleus(probs, top_p)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)  # (B,)
+    cdf = probs.cumsum(-1)
+    # right=True never lands on a zero-probability token: its cdf equals its predecessor's.
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
+    return pick.squeeze(-1) if ids is None else ids.gather(-1, pick).squeeze(-1)
 
 
 def cache_argument(model) -> str:
@@ -340,7 +359,10 @@ class TextBackend:
         return [{"text": text} for text in samples.outputs]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(self._peft()).items()}
+        # Only the LoRA is trained; save_embedding_layers=False keeps PEFT from searching the base
+        # model's files for a changed vocabulary.
+        state = get_peft_model_state_dict(self._peft(), save_embedding_layers=False)
+        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         result = set_peft_model_state_dict(self._peft(), state)
@@ -351,7 +373,7 @@ class TextBackend:
     def save_adapter(self, directory: Path) -> None:
         """A PEFT adapter (adapter_model.safetensors + adapter_config.json) for PeftModel.from_pretrained."""
         directory = Path(directory)
-        self._peft().save_pretrained(str(directory), safe_serialization=True)
+        self._peft().save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
         # PEFT writes target_modules from a set, in an order that changes from one process to the
         # next; sorted (and the safetensors header canonical), equal adapters give equal bytes.
         config_path = directory / "adapter_config.json"
