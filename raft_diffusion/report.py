@@ -71,7 +71,7 @@ def texts(run_dir: str | Path, limit: int | None = None) -> Path:
         lines += [f"## {before['prompt']} (seed {before['seed']})", ""]
         for title, row in (("before", before), ("after", after)):
             scores = ", ".join(f"{k} {v:.3f}" for k, v in row["scores"].items() if v is not None)
-            lines += [f"**{title}** ({scores}): {before['prompt']}{_quote(row['text'])}", ""]
+            lines += [f"**{title}** ({scores}): {_quote(before['prompt'] + row['text'])}", ""]
     out = run_dir / "before_after.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
