@@ -30,6 +30,7 @@ def test_smollm2_builtin_runs_one_raft_iteration(tmp_path):
     assert all(r["text"].strip() for r in rows)
     adapter = json.loads((tmp_path / "run/final/adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 8
+    assert adapter["base_model_name_or_path"] == "builtin:smollm2-135m"
 
 
 def test_shipped_text_demo_config_and_prompts():

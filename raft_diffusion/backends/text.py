@@ -241,6 +241,9 @@ class TextBackend:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        # The adapter names its base model as the user did (a GGUF's would be the folder it sits in,
+        # e.g. a site-packages path of this machine).
+        model.peft_config["default"].base_model_name_or_path = m.path
         # The frozen model may be half precision; the trained LoRA weights stay float32.
         self.lora_params = [p for p in model.parameters() if p.requires_grad]
         for p in self.lora_params:
