@@ -15,7 +15,8 @@ import typer
 from .errors import UserError
 from .paths import REPO
 
-DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml"}
+DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml",
+         "text": "text-imdb-smollm2.yaml"}
 DEFAULT_DEMO = "tiny"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -36,6 +37,7 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    tlog.disable_progress_bar()  # "Loading weights" / GGUF dequantisation bars at every model load
     hlog.set_verbosity_error()  # no retry chatter when the hub is unreachable: the error line says it
 
 
@@ -94,8 +96,9 @@ def demo(
         from . import report
 
         print("\nevaluation on fixed prompts and seeds, base model vs tuned:\n" + report.table(cfg.output_dir))
-        print(f"before/after grid: {report.grid(cfg.output_dir)}")
-    print(f"LoRA: {cfg.output_dir}/final/pytorch_lora_weights.safetensors")
+        print(f"before/after samples: {report.before_after_samples(cfg.output_dir)}")
+    weights = sorted((Path(cfg.output_dir) / "final").glob("*.safetensors"))
+    print(f"LoRA: {weights[0] if len(weights) == 1 else Path(cfg.output_dir) / 'final'}")
 
 
 @app.command()

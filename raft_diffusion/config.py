@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -22,8 +22,11 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     path: str = Field(
         "builtin:tiny-sd",
-        description="hub id, local diffusers dir, single-file checkpoint (.safetensors/.ckpt), "
+        description="hub id, local dir, single file (diffusion: .safetensors/.ckpt; text: .gguf), "
         "or builtin:NAME",
+    )
+    gguf_file: str | None = Field(
+        None, description="text: the GGUF file inside model.path (a local dir or hub id), dequantised on load"
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="weights dtype of the frozen model (float32 on CPU)"
@@ -33,6 +36,10 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(False, description="allow code from the model repo to run")
 
 
+# The attention projections of LLaMA-family models: the text backend's default LoRA targets.
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 class LoraConfig(_Strict):
     rank: int = Field(4, gt=0, description="LoRA rank r")
     alpha: float = Field(4.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
@@ -40,7 +47,7 @@ class LoraConfig(_Strict):
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         min_length=1,
-        description="names (suffixes) of the modules that get a LoRA",
+        description="names (suffixes) of the modules that get a LoRA (text default: q/k/v/o_proj)",
     )
 
 
@@ -63,10 +70,18 @@ class GenerationConfig(_Strict):
     samples_per_prompt: int = Field(8, gt=0, description="K: candidates generated per prompt")
     batch_size: int = Field(16, gt=0, description="samples generated per forward pass")
     max_new_tokens: Union[int, tuple[int, int]] = Field(
-        48, description="text: tokens to generate, or a [min, max] range drawn per batch"
+        48, description="text: tokens to generate, or a [min, max] range (each sample's length drawn from its seed)"
     )
     temperature: float = Field(1.0, gt=0, description="text: sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="text: nucleus sampling mass")
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _positive_range(cls, v: Union[int, tuple[int, int]]) -> Union[int, tuple[int, int]]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if low < 1 or high < low:
+            raise ValueError("must be a positive number of tokens or a [min, max] range with 1 <= min <= max")
+        return v
 
 
 class RewardSpec(_Strict):
@@ -141,6 +156,14 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
     output_dir: str = Field("runs/raft", description="run directory")
+
+    @model_validator(mode="after")
+    def _text_lora_targets(self) -> "RunConfig":
+        # The LoRA default names the UNet's attention; a text run that names no targets gets the
+        # LLaMA attention projections instead (written out in the resolved config.yaml).
+        if self.backend == "text" and "target_modules" not in self.lora.model_fields_set:
+            self.lora.target_modules = list(TEXT_LORA_TARGETS)
+        return self
 
 
 # --- loading ---------------------------------------------------------------------------------

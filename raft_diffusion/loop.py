@@ -138,7 +138,8 @@ def mean_over_processes(value: float, accelerator: Accelerator) -> float:
 
 def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
              run: RunDirectory, accelerator: Accelerator, prompts: Sequence[str], name: str) -> dict[str, float]:
-    """Mean training reward and held-out judge scores on fixed eval prompts and seeds."""
+    """Mean training reward, held-out judge scores and the backend's own metrics on fixed eval
+    prompts and seeds."""
     n = config.eval.samples_per_prompt
     groups = [g for g in range(len(prompts)) for _ in range(n)]
     samples = generate(backend, accelerator, [prompts[g] for g in groups],
@@ -147,6 +148,7 @@ def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: Rew
     judged = judges(samples.outputs, samples.prompts, groups) if judges.specs else None
     result = {"reward": nanmean(scored.total)}
     result.update({k: nanmean(v) for k, v in eval_parts(scored, judged).items()})
+    result.update(backend.eval_metrics(samples))  # e.g. text: perplexity under the base model, diversity
     if accelerator.is_main_process:
         where = f"{name}/eval" if name != "base" else "base_eval"
         run.clear_samples(where)

@@ -66,13 +66,23 @@ class Backend(Protocol):
     def train(self, samples: Samples, generator: torch.Generator) -> float:
         """Fine-tune the adapter on `samples` (epochs, batches, accumulation); mean loss."""
 
-    def write_samples(self, samples: Samples, directory: Path) -> list[str]:
-        """Write each sample as a file into `directory`; its file names in order."""
+    def write_samples(self, samples: Samples, directory: Path) -> list[dict[str, Any]]:
+        """Write the samples into `directory`; per sample, what its samples.jsonl row records of it
+        (an image's file name, `{"file": "0003.png"}`, or a text itself, `{"text": "..."}`)."""
+
+    def eval_metrics(self, samples: Samples) -> dict[str, float]:
+        """Metrics of evaluation samples that only the backend can compute (text: perplexity under
+        the frozen base model, diversity); `{}` when there are none."""
 
     def save_adapter(self, directory: Path) -> None:
         """The adapter in the format its ecosystem loads (diffusers LoRA / PEFT adapter)."""
 
     def load_adapter(self, directory: Path) -> None: ...
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The trained adapter tensors, for checkpoints (safetensors)."""
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def training_state(self) -> dict[str, Any]:
         """Optimizer state (and anything else training needs to resume exactly)."""

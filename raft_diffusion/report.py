@@ -1,4 +1,5 @@
-"""What a run bought: the before/after table and image grid of a run directory."""
+"""What a run bought: the before/after table, and the before/after samples of a run directory
+(an image grid, or a page of texts)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,46 @@ def _eval_dirs(run_dir: Path) -> tuple[Path, Path]:
     return run_dir / "samples/base_eval", last[-1]
 
 
+def _rows(directory: Path) -> list[dict]:
+    return [json.loads(x) for x in (directory / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def before_after_samples(run_dir: str | Path) -> Path:
+    """The base model's eval samples beside the tuned model's: `before_after.png` for images,
+    `before_after.md` for texts."""
+    base, _ = _eval_dirs(Path(run_dir))
+    first = _rows(base)[0]
+    return grid(run_dir) if "file" in first else texts(run_dir)
+
+
+def texts(run_dir: str | Path, limit: int | None = None) -> Path:
+    """`before_after.md`: for each eval prompt and seed, the base model's text and the tuned
+    model's, each with its scores."""
+    run_dir = Path(run_dir)
+    base, tuned = _eval_dirs(run_dir)
+    pairs = list(zip(_rows(base), _rows(tuned)))[:limit]
+    lines = [f"# Before and after: {run_dir.name}", "",
+             f"Base model (`{base.relative_to(run_dir)}`) and tuned model (`{tuned.relative_to(run_dir)}`), "
+             "same prompts and seeds.", ""]
+    for before, after in pairs:
+        lines += [f"## {before['prompt']} (seed {before['seed']})", ""]
+        for title, row in (("before", before), ("after", after)):
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in row["scores"].items() if v is not None)
+            lines += [f"**{title}** ({scores}): {_quote(before['prompt'] + row['text'])}", ""]
+    out = run_dir / "before_after.md"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+def _quote(text: str) -> str:
+    return " ".join(text.split())  # one paragraph: newlines would break the markdown
+
+
 def grid(run_dir: str | Path, per_row: int = 8, max_rows: int = 4, scale: int = 2) -> Path:
     """`before_after.png`: base-model eval images above the tuned model's, same prompts and seeds."""
     run_dir = Path(run_dir)
     base, tuned = _eval_dirs(run_dir)
-    rows = [json.loads(x) for x in (base / "samples.jsonl").read_text().splitlines()][: per_row * max_rows]
+    rows = _rows(base)[: per_row * max_rows]
     names = [r["file"] for r in rows]
     before = [np.asarray(Image.open(base / n).convert("RGB")) for n in names]
     after = [np.asarray(Image.open(tuned / n).convert("RGB")) for n in names]

@@ -139,11 +139,11 @@ class RunDirectory:
             shutil.rmtree(self.samples(name))
 
     def write_samples(self, name: str, backend, samples, rows: list[dict[str, Any]]) -> Path:
-        """Files of `samples` plus `samples.jsonl` (one row per sample) under samples/NAME."""
+        """The backend's files of `samples` plus `samples.jsonl` (one row per sample) under samples/NAME."""
         directory = self.samples(name)
         directory.mkdir(parents=True, exist_ok=True)
-        files = backend.write_samples(samples, directory)
+        written = backend.write_samples(samples, directory)
         with open(directory / "samples.jsonl", "w", encoding="utf-8") as f:
-            for file, row in zip(files, rows):
-                f.write(json.dumps({"file": file, **row}) + "\n")
+            for fields, row in zip(written, rows):
+                f.write(json.dumps({**fields, **row}) + "\n")
         return directory

