@@ -18,6 +18,8 @@ from .paths import REPO
 DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml",
          "text": "text-imdb-smollm2.yaml"}
 DEFAULT_DEMO = "tiny"
+# Demos that also evaluate the base model at another resolution: the toy SD's native R = 64 px.
+DEMO_REFERENCE_RESOLUTION = {"resolution": 64}
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Align generative models with rewards by RAFT (Reward rAnked FineTuning).")
@@ -89,6 +91,10 @@ def demo(
 
     print(f"demo {name}: {path.relative_to(REPO)} -> {cfg.output_dir}")
     metrics = run_training(cfg, search=_search_dirs(path), overwrite=True)
+    if name in DEMO_REFERENCE_RESOLUTION:
+        from .train import evaluate_reference
+
+        evaluate_reference(cfg, DEMO_REFERENCE_RESOLUTION[name], search=_search_dirs(path))
     first, last = metrics[0], metrics[-1]
     print(f"\nreward (mean over the iteration's samples): iteration 1 {first['reward_mean']:.4f}"
           f" -> iteration {last['iteration'] + 1} {last['reward_mean']:.4f}")

@@ -22,16 +22,29 @@ def before_after(run_dir: str | Path) -> tuple[dict[str, float], dict[str, float
     return before, after
 
 
+def reference(run_dir: str | Path) -> tuple[int, dict[str, float]] | None:
+    """(resolution, eval means) of the base model at a reference resolution, if the run has one."""
+    path = Path(run_dir) / "reference.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return int(data["resolution"]), data["eval"]
+
+
 def table(run_dir: str | Path) -> str:
-    """A plain-text before/after table of every eval metric."""
+    """A plain-text before/after table of every eval metric (plus the base model at a reference
+    resolution when the run has `reference.json`)."""
     before, after = before_after(run_dir)
+    ref = reference(run_dir)
     names = list(dict.fromkeys([*before, *after]))
     width = max([len(n) for n in names] + [6])
-    lines = [f"{'metric':{width}}  {'before':>9}  {'after':>9}  {'change':>9}"]
+    head = f"{'metric':{width}}  {'before':>9}  {'after':>9}  {'change':>9}"
+    lines = [head + (f"  {f'base@{ref[0]}px':>10}" if ref else "")]
     for name in names:
         b, a = before.get(name), after.get(name)
         change = f"{a - b:+9.4f}" if a is not None and b is not None else f"{'':>9}"
-        lines.append(f"{name:{width}}  {_fmt(b)}  {_fmt(a)}  {change}")
+        line = f"{name:{width}}  {_fmt(b)}  {_fmt(a)}  {change}"
+        lines.append(line + (f"  {_fmt(ref[1].get(name)):>10}" if ref else ""))
     return "\n".join(lines)
 
 

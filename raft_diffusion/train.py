@@ -67,6 +67,40 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
             run.close()
 
 
+def evaluate_reference(config: RunConfig, resolution: int, *, search: Sequence[Path] = ()) -> dict[str, float]:
+    """The base model (no LoRA) on the run's eval prompts and seeds at another `resolution`.
+
+    The resolution demo's reference: the model at its native size. Writes the samples to
+    samples/reference_R/eval/ and the means to reference.json in the run directory.
+    """
+    import json
+
+    import torch
+
+    from .backends import build_backend
+    from .loop import evaluate
+    from .rewards.compose import RewardSet
+
+    config = config.model_copy(deep=True)
+    config.generation.resolution = resolution
+    eval_prompts = load_prompts(config.prompts.eval if config.prompts.eval is not None else config.prompts.train,
+                                "config prompts.eval", search)
+    accelerator = Accelerator(mixed_precision=config.training.mixed_precision, cpu=not _cuda_wanted())
+    set_seed(config.raft.seed)
+    backend = build_backend(config, accelerator)  # a fresh LoRA starts at zero: the base model
+    dtype = getattr(torch, config.model.dtype)
+    reward = RewardSet(config.rewards, accelerator.device, field="config rewards", dtype=dtype)
+    judges = RewardSet(config.eval.judges, accelerator.device, field="config eval.judges", dtype=dtype)
+    run = RunDirectory(config.output_dir)
+    result = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts, f"reference_{resolution}")
+    if accelerator.is_main_process:
+        path = Path(config.output_dir) / "reference.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"resolution": resolution, "eval": result}, indent=2) + "\n")
+        tmp.replace(path)
+    return result
+
+
 def _cuda_wanted() -> bool:
     import torch
 

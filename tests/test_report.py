@@ -1,5 +1,6 @@
 """The before/after table and grid of a run directory."""
 
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -22,3 +23,12 @@ def test_table_and_grid_compare_base_and_last_evaluation(tiny_config):
     n = 4 * 2  # eval prompts x samples per prompt
     assert path == Path(config.output_dir) / "before_after.png"
     assert image.size[0] == 4 * (64 + 4) * 2 and image.size[1] > 2 * (n // 4) * 64 * 2
+
+
+def test_table_adds_the_reference_column_when_the_run_has_one(tiny_config):
+    config = tiny_config(raft={"iterations": 1})
+    run_training(config)
+    (Path(config.output_dir) / "reference.json").write_text(json.dumps({"resolution": 64, "eval": {"reward": -1.5}}))
+    lines = report.table(config.output_dir).splitlines()
+    assert lines[0].split()[-1] == "base@64px"
+    assert lines[1].split()[0] == "reward" and lines[1].split()[-1] == "-1.5000"
