@@ -17,7 +17,7 @@ from .paths import REPO
 
 DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml",
          "text": "text-imdb-smollm2.yaml"}
-DEFAULT_DEMO = "tiny"
+DEFAULT_DEMO = "monet-cat"
 # Demos that also evaluate the base model at another resolution: the toy SD's native R = 64 px.
 DEMO_REFERENCE_RESOLUTION = {"resolution": 64}
 

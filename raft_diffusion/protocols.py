@@ -77,8 +77,6 @@ class Backend(Protocol):
     def save_adapter(self, directory: Path) -> None:
         """The adapter in the format its ecosystem loads (diffusers LoRA / PEFT adapter)."""
 
-    def load_adapter(self, directory: Path) -> None: ...
-
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The trained adapter tensors, for checkpoints (safetensors)."""
 

@@ -12,12 +12,12 @@ from .conftest import TINY_CONFIG, deep_update, run_cli, write_yaml
 
 
 def test_demo_runs_end_to_end_and_prints_each_iteration(tmp_path):
-    result = run_cli("demo", "--output-dir", str(tmp_path / "demo"))
+    result = run_cli("demo", "tiny", "--output-dir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     iterations = [line for line in result.stdout.splitlines() if line.startswith("iter ")]
     assert len(iterations) == 10 and all(" reward " in line for line in iterations)
     assert (tmp_path / "demo/final/pytorch_lora_weights.safetensors").is_file()
-    again = run_cli("demo", "--output-dir", str(tmp_path / "demo"))  # a demo replaces its own run
+    again = run_cli("demo", "tiny", "--output-dir", str(tmp_path / "demo"))  # a demo replaces its own run
     assert again.returncode == 0, again.stderr
 
 

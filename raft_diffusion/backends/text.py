@@ -385,11 +385,6 @@ class TextBackend:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         canonicalize_safetensors(directory / "adapter_model.safetensors")
 
-    def load_adapter(self, directory: Path) -> None:
-        from peft.utils import load_peft_weights
-
-        self.load_adapter_state(load_peft_weights(str(directory)))
-
     def training_state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}
 
