@@ -96,8 +96,10 @@ def demo(
 
         evaluate_reference(cfg, DEMO_REFERENCE_RESOLUTION[name], search=_search_dirs(path))
     first, last = metrics[0], metrics[-1]
-    print(f"\nreward (mean over the iteration's samples): iteration 1 {first['reward_mean']:.4f}"
-          f" -> iteration {last['iteration'] + 1} {last['reward_mean']:.4f}")
+    from .loop import raw_rewards
+
+    print(f"\nreward (mean over the iteration's samples): iteration 1 {first['reward_mean']:.4f}{raw_rewards(first)}"
+          f" -> iteration {last['iteration'] + 1} {last['reward_mean']:.4f}{raw_rewards(last)}")
     if first.get("eval_before"):
         from . import report
 

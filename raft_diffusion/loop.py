@@ -199,10 +199,20 @@ def summary(record: dict[str, Any], iterations: int) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
     ev = " ".join(f"{k}={f(v)}" for k, v in record["eval"].items())
-    return (f"iter {record['iteration'] + 1}/{iterations}  reward {f(record['reward_mean'])}"
+    return (f"iter {record['iteration'] + 1}/{iterations}  reward {f(record['reward_mean'])}{raw_rewards(record)}"
             f"  selected {f(record['reward_selected_mean'])}  dropped {record['n_dropped']}"
             f"  loss {f(record['train_loss'])}" + (f"  eval[{ev}]" if ev else "")
             + f"  ({', '.join(f'{k} {v:.1f}s' for k, v in record['seconds'].items())})")
+
+
+def raw_rewards(record: dict[str, Any]) -> str:
+    """" (aesthetic 3.20, clip 31.00)": each reward's raw mean, when the weighted (maybe normalised)
+    sum alone does not show them."""
+    parts = record.get("rewards") or {}
+    only = next(iter(parts.values())) if len(parts) == 1 else None
+    if not parts or (only is not None and record["reward_mean"] is not None and abs(only - record["reward_mean"]) < 1e-9):
+        return ""
+    return " (" + ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in parts.items()) + ")"
 
 
 def _num(x: Any) -> float | None:

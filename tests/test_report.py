@@ -32,3 +32,13 @@ def test_table_adds_the_reference_column_when_the_run_has_one(tiny_config):
     lines = report.table(config.output_dir).splitlines()
     assert lines[0].split()[-1] == "base@64px"
     assert lines[1].split()[0] == "reward" and lines[1].split()[-1] == "-1.5000"
+
+
+def test_iteration_line_shows_raw_reward_means_when_the_sum_hides_them():
+    from raft_diffusion.loop import summary
+
+    record = {"iteration": 0, "reward_mean": 0.0, "reward_selected_mean": 2.8, "n_dropped": 0, "train_loss": 0.2,
+              "eval": {}, "seconds": {"generate": 1.0}, "rewards": {"aesthetic": 3.2, "clip": 31.0}}
+    assert "reward 0.0000 (aesthetic 3.2000, clip 31.0000)" in summary(record, 10)
+    record["rewards"] = {"jpeg_compressibility": 0.0}  # one unnormalised reward: the sum says it all
+    assert "reward 0.0000  selected" in summary(record, 10)
