@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +39,12 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as tlog
 
     dlog.set_verbosity_error()
+    dlog.disable_progress_bar()  # "Loading pipeline components": our own bars show the long work
     tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    # diffusers >= 0.36 renamed from_pretrained's torch_dtype to dtype; older ones (which we
+    # support) know only torch_dtype, so keep it and drop the rename notice.
+    warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
     tlog.disable_progress_bar()  # "Loading weights" / GGUF dequantisation bars at every model load
     hlog.set_verbosity_error()  # no retry chatter when the hub is unreachable: the error line says it
 
