@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-images", type=int, default=30000)
     parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=3900)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
