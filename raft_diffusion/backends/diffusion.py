@@ -27,6 +27,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import GenerationConfig, RunConfig
+from . import check_lora_targets
 from ..errors import UserError
 from ..paths import ASSETS
 from ..protocols import Samples
@@ -184,10 +185,7 @@ class DiffusionBackend:
             part.requires_grad_(False)
         lora = config.lora
         unet = pipe.unet
-        missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n, _ in unet.named_modules())]
-        if missing:
-            raise UserError("config lora.target_modules", f"no UNet module named {missing}",
-                            "use names such as to_q, to_k, to_v, to_out.0, proj_in, conv1")
+        check_lora_targets(unet, lora.target_modules, "UNet module", "to_q, to_k, to_v, to_out.0, proj_in, conv1")
         unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                     target_modules=list(lora.target_modules), init_lora_weights="gaussian"))
         # The frozen model may be half precision; the trained LoRA weights stay float32.

@@ -31,6 +31,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
+from . import check_lora_targets
 from ..diversity import diversity
 from ..errors import UserError
 from ..protocols import Samples
@@ -232,11 +233,8 @@ class TextBackend:
                                                field="config model.path")
         model.requires_grad_(False)
         lora = config.lora
-        names = [n for n, _ in model.named_modules()]
-        missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-        if missing:
-            raise UserError("config lora.target_modules", f"no module of the model named {missing}",
-                            "use names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
+        check_lora_targets(model, lora.target_modules, "module of the model",
+                           "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj")
         with warnings.catch_warnings():  # PEFT asks transformers a deprecated question; not ours to fix
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
