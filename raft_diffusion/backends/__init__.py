@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +24,41 @@ def check_lora_targets(model: "nn.Module", targets: Sequence[str], what: str, ex
         from ..errors import UserError
 
         raise UserError("config lora.target_modules", f"no {what} named {missing}", f"use names such as {examples}")
+
+
+def fine_tune(accelerator: "Accelerator", model: "nn.Module", optimizer: "torch.optim.Optimizer",
+              params: Sequence["torch.Tensor"], cfg: "TrainingConfig", items: Sequence[int],
+              generator: "torch.Generator", loss: Callable[[list[int], list[list[int]]], "torch.Tensor"]) -> None:
+    """The fine-tuning schedule of every backend: `cfg.epochs` shuffles of `items`, micro-batches of
+    `cfg.batch_size`, `cfg.gradient_accumulation_steps` of them per optimizer step, gradient clipping.
+
+    `loss(batch, group)` returns the micro-batch's share of its group's loss, ready for backward.
+    A short last group still takes its step, so nothing carries over between iterations and resume
+    is exact.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    n = len(items)
+    bar = tqdm(total=cfg.epochs * math.ceil(n / cfg.batch_size), desc="train", unit="batch", leave=False,
+               disable=None if accelerator.is_local_main_process else True)
+    model.train()
+    for _ in range(cfg.epochs):
+        order = [items[i] for i in torch.randperm(n, generator=generator).tolist()]
+        micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        for g in range(0, len(micro), cfg.gradient_accumulation_steps):
+            group = micro[g:g + cfg.gradient_accumulation_steps]
+            for j, batch in enumerate(group):
+                last = j == len(group) - 1
+                with accelerator.no_sync(model) if not last else contextlib.nullcontext():
+                    accelerator.backward(loss(batch, group))
+                bar.update(1)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    bar.close()
+    model.eval()
 
 
 def build_backend(config: "RunConfig", accelerator: "Accelerator") -> "Backend":

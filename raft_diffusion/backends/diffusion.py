@@ -7,7 +7,6 @@ final latents; fine-tuning trains on them directly, so the VAE never encodes dur
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import GenerationConfig, RunConfig
-from . import check_lora_targets
+from . import check_lora_targets, fine_tune
 from ..errors import UserError
 from ..paths import ASSETS
 from ..protocols import Samples
@@ -246,33 +245,14 @@ class DiffusionBackend:
         if n == 0:
             return math.nan
         latents, text = samples.payload["latents"], samples.payload["prompt_embeds"]
-        self.unet.train()
         losses = []
-        micro_per_epoch = math.ceil(n / cfg.batch_size)
-        bar = tqdm(total=cfg.epochs * micro_per_epoch, desc="train", unit="batch", leave=False,
-                   disable=None if self.accelerator.is_local_main_process else True)
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator).tolist()
-            micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            # Accumulate over groups of micro-batches; a short last group still takes its step,
-            # so nothing carries over between iterations and resume is exact.
-            for g in range(0, len(micro), cfg.gradient_accumulation_steps):
-                group = micro[g:g + cfg.gradient_accumulation_steps]
-                total = sum(len(b) for b in group)
-                for j, batch in enumerate(group):
-                    last = j == len(group) - 1
-                    context = self.accelerator.no_sync(self.unet) if not last else contextlib.nullcontext()
-                    with context:
-                        loss = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
-                        self.accelerator.backward(loss * len(batch) / total)
-                    losses.append(loss.item())
-                    bar.update(1)
-                if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        bar.close()
-        self.unet.eval()
+
+        def loss(batch: list[int], group: list[list[int]]) -> torch.Tensor:
+            value = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
+            losses.append(value.item())
+            return value * len(batch) / sum(len(b) for b in group)
+
+        fine_tune(self.accelerator, self.unet, self.optimizer, self.lora_params, cfg, range(n), generator, loss)
         return float(sum(losses) / len(losses))
 
     # -- samples, adapter and state ----------------------------------------------------------

@@ -14,7 +14,6 @@ Every object is the transformers / PEFT one (`AutoModelForCausalLM`, `AutoTokeni
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import json
@@ -31,7 +30,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from . import check_lora_targets
+from . import check_lora_targets, fine_tune
 from ..diversity import diversity
 from ..errors import UserError
 from ..protocols import Samples
@@ -301,37 +300,17 @@ class TextBackend:
         cfg = self.config.training
         prompt_ids, response_ids = samples.payload.get("prompt_ids", []), samples.payload.get("response_ids", [])
         keep = [i for i in range(len(samples)) if response_ids[i]]
-        n = len(keep)
-        if n == 0:
+        if not keep:
             return math.nan
-        self.model.train()
-        total_nll, total_tokens = 0.0, 0
-        micro_per_epoch = math.ceil(n / cfg.batch_size)
-        bar = tqdm(total=cfg.epochs * micro_per_epoch, desc="train", unit="batch", leave=False,
-                   disable=None if self.accelerator.is_local_main_process else True)
-        for _ in range(cfg.epochs):
-            order = [keep[i] for i in torch.randperm(n, generator=generator).tolist()]
-            micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            # Accumulate over groups of micro-batches; a short last group still takes its step,
-            # so nothing carries over between iterations and resume is exact.
-            for g in range(0, len(micro), cfg.gradient_accumulation_steps):
-                group = micro[g:g + cfg.gradient_accumulation_steps]
-                tokens = sum(len(response_ids[i]) for b in group for i in b)
-                for j, batch in enumerate(group):
-                    last = j == len(group) - 1
-                    context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
-                    with context:
-                        nll, count = self._nll([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
-                        self.accelerator.backward(nll / tokens)
-                    total_nll, total_tokens = total_nll + nll.item(), total_tokens + count
-                    bar.update(1)
-                if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.lora_params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        bar.close()
-        self.model.eval()
-        return total_nll / total_tokens
+        totals = [0.0, 0]  # summed NLL and count of the response tokens trained on
+
+        def loss(batch: list[int], group: list[list[int]]) -> torch.Tensor:
+            nll, count = self._nll([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
+            totals[0], totals[1] = totals[0] + nll.item(), totals[1] + count
+            return nll / sum(len(response_ids[i]) for b in group for i in b)
+
+        fine_tune(self.accelerator, self.model, self.optimizer, self.lora_params, cfg, keep, generator, loss)
+        return totals[0] / totals[1]
 
     # -- evaluation -------------------------------------------------------------------------
 
