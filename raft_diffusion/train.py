@@ -43,17 +43,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     config_yaml = config_to_yaml(config)
     mode = run.check(yaml.safe_load(config_yaml), resume, overwrite)
 
-    accelerator = Accelerator(mixed_precision=config.training.mixed_precision, cpu=not _cuda_wanted())
-    set_seed(config.raft.seed)  # python, numpy and torch: the LoRA's initial weights come from here
-    from .backends import build_backend
-    from .rewards.compose import RewardSet
-
-    backend = build_backend(config, accelerator)  # loads the model; checks resolution, LoRA targets
-    import torch
-
-    dtype = getattr(torch, config.model.dtype)  # rewards run on the run's device and dtype
-    reward = RewardSet(config.rewards, accelerator.device, field="config rewards", dtype=dtype)
-    judges = RewardSet(config.eval.judges, accelerator.device, field="config eval.judges", dtype=dtype)
+    accelerator, backend, reward, judges = _build(config)
 
     from .loop import raft
 
@@ -75,30 +65,36 @@ def evaluate_reference(config: RunConfig, resolution: int, *, search: Sequence[P
     """
     import json
 
-    import torch
-
-    from .backends import build_backend
+    from .checkpoint import write_text_atomically
     from .loop import evaluate
-    from .rewards.compose import RewardSet
 
     config = config.model_copy(deep=True)
     config.generation.resolution = resolution
     eval_prompts = load_prompts(config.prompts.eval if config.prompts.eval is not None else config.prompts.train,
                                 "config prompts.eval", search)
-    accelerator = Accelerator(mixed_precision=config.training.mixed_precision, cpu=not _cuda_wanted())
-    set_seed(config.raft.seed)
-    backend = build_backend(config, accelerator)  # a fresh LoRA starts at zero: the base model
-    dtype = getattr(torch, config.model.dtype)
-    reward = RewardSet(config.rewards, accelerator.device, field="config rewards", dtype=dtype)
-    judges = RewardSet(config.eval.judges, accelerator.device, field="config eval.judges", dtype=dtype)
+    accelerator, backend, reward, judges = _build(config)  # a fresh LoRA starts at zero: the base model
     run = RunDirectory(config.output_dir)
     result = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts, f"reference_{resolution}")
     if accelerator.is_main_process:
-        path = Path(config.output_dir) / "reference.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"resolution": resolution, "eval": result}, indent=2) + "\n")
-        tmp.replace(path)
+        write_text_atomically(Path(config.output_dir) / "reference.json",
+                              json.dumps({"resolution": resolution, "eval": result}, indent=2) + "\n")
     return result
+
+
+def _build(config: RunConfig):
+    """(accelerator, backend, training rewards, judges) of a run: the model and every reward loaded once."""
+    import torch
+
+    from .backends import build_backend
+    from .rewards.compose import RewardSet
+
+    accelerator = Accelerator(mixed_precision=config.training.mixed_precision, cpu=not _cuda_wanted())
+    set_seed(config.raft.seed)  # python, numpy and torch: the LoRA's initial weights come from here
+    backend = build_backend(config, accelerator)  # loads the model; checks resolution, LoRA targets
+    dtype = getattr(torch, config.model.dtype)  # rewards run on the run's device and dtype
+    reward = RewardSet(config.rewards, accelerator.device, field="config rewards", dtype=dtype)
+    judges = RewardSet(config.eval.judges, accelerator.device, field="config eval.judges", dtype=dtype)
+    return accelerator, backend, reward, judges
 
 
 def _cuda_wanted() -> bool:

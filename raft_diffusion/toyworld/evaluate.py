@@ -71,8 +71,8 @@ def measure(pipe: StableDiffusionPipeline, prompts: list[str], per_prompt: int, 
     seeds = [seed + k for k in range(len(all_prompts))]
     _, images = generate_latents(pipe, cond, uncond, seeds, gen, desc="evaluate")
     hits = oracle.attribute_hits(images, all_prompts)
-    report = {"all": float(np.mean(oracle.judge(images, all_prompts))), "n": len(all_prompts)}
     judged = oracle.judge(images, all_prompts)
+    report = {"all": float(np.mean(judged)), "n": len(all_prompts)}
     for style in STYLES:  # monet dissolves 60% of its objects in the generator's own data
         picked = [j for j, p in zip(judged, all_prompts) if oracle.parse_prompt(p).get("style") == style]
         if picked:
