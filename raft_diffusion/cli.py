@@ -10,11 +10,16 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
+from typer.core import TyperGroup
 
 from .errors import UserError
 from .paths import REPO
+
+try:  # typer >= 0.29 carries its own click: click's own classes never match the errors it raises
+    from typer._click import exceptions as _click_errors
+except ImportError:  # older typer runs on click itself (then a dependency of typer)
+    from click import exceptions as _click_errors
 
 DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml",
          "text": "text-imdb-smollm2.yaml"}
@@ -22,13 +27,35 @@ DEFAULT_DEMO = "monet-cat"
 # Demos that also evaluate the base model at another resolution: the toy SD's native R = 64 px.
 DEMO_REFERENCE_RESOLUTION = {"resolution": 64}
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+
+class _Interrupted(Exception):
+    """Ctrl-C in a command, carried past typer (which turns it into a silent exit 130) to `main`."""
+
+    def __init__(self, command: str | None):
+        super().__init__(command)
+        self.command = command
+
+
+class _Group(TyperGroup):
+    """Typer's command group; a Ctrl-C in a command leaves it as `_Interrupted`, naming the command."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(ctx.invoked_subcommand) from e
+
+
+app = typer.Typer(cls=_Group, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Align generative models with rewards by RAFT (Reward rAnked FineTuning).")
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks of errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks of errors (anywhere in the "
+                                     "command line).")) -> None:
     """Align generative models with rewards by RAFT."""
+    # `main` takes --debug out of the arguments before typer parses them; the option stays here
+    # so that --help lists it.
 
 
 def _quiet_libraries() -> None:
@@ -234,27 +261,70 @@ def config_help() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
+    """Run the command line; the exit code: 0 done, 2 a user error (one line on stderr), 130 Ctrl-C."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug may stand anywhere (`raft-diffusion train run.yaml --debug`), but typer knows it only
+    # before the command: take it out here (not after `--`, where it would be an argument).
+    end = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:end]
+    args = [arg for i, arg in enumerate(args) if i >= end or arg != "--debug"]
     try:
         result = app(args=args, standalone_mode=False, prog_name="raft-diffusion")
         return result if isinstance(result, int) else 0
     except UserError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except click.exceptions.Exit as e:
+        return _fail(f"error: {e}", 2, debug)
+    except _click_errors.ClickException as e:
+        return _fail(_usage_error(e), 2, debug)
+    except _Interrupted as e:
+        # A run's checkpoints are complete (written atomically), so train can continue from the last.
+        return _fail("interrupted; continue with --resume" if e.command == "train" else "interrupted", 130, debug)
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside any command (older click: Abort)
+        return _fail("interrupted", 130, debug)
+    except typer.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
-    except click.ClickException as e:
-        print(f"error: {e.format_message()} (see raft-diffusion --help)", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
-        return 130
+
+
+def _fail(line: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+    return code
+
+
+def _usage_error(e) -> str:
+    """The `error: FIELD: problem (see ... --help)` line of a command-line mistake typer found."""
+    ctx = getattr(e, "ctx", None)
+    where = ctx.command_path if ctx is not None else "raft-diffusion"
+    param = getattr(e, "param", None)
+    if isinstance(e, getattr(_click_errors, "NoArgsIsHelpError", ())):
+        # A bare `raft-diffusion`: click >= 8.2 shows the help (typer's rich help is printed
+        # already, plain click's is the message) and makes it a usage error.
+        if e.format_message().strip():
+            print(e.format_message(), file=sys.stderr)
+        field, problem = "COMMAND", "no command given"
+    elif isinstance(e, _click_errors.NoSuchOption):
+        field, problem = e.option_name, "no such option"
+        if e.possibilities:
+            problem += f"; did you mean {' or '.join(sorted(e.possibilities))}?"
+    elif isinstance(e, _click_errors.BadOptionUsage):
+        field, problem = e.option_name, e.message
+    elif isinstance(e, _click_errors.MissingParameter) and param is not None:
+        field, problem = _param_name(param), f"missing {param.param_type_name}"
+    elif isinstance(e, _click_errors.BadParameter) and param is not None:
+        field, problem = _param_name(param), e.message
+    elif ctx is not None and hasattr(ctx.command, "commands"):  # the group's own: an unknown command
+        field, problem = "COMMAND", e.format_message()
+    else:
+        field, problem = where, e.format_message()
+    problem = problem.rstrip(".")
+    return f"error: {UserError(field, problem[:1].lower() + problem[1:], f'see {where} --help')}"
+
+
+def _param_name(param) -> str:
+    """How the user writes a parameter: --out or -n for options, CONFIG or IMAGES for arguments."""
+    if param.param_type_name == "option":
+        return max(param.opts, key=len)
+    return (param.metavar or param.name or "ARGUMENT").upper()
 
 
 def entry() -> None:

@@ -2,11 +2,15 @@
 
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from raft_diffusion.cli import main
 
 from .conftest import TINY_CONFIG, deep_update, run_cli, write_yaml
+
+SCORE = ["score", "--reward", "jpeg_compressibility"]
 
 
 def _setup(tmp_path, case):
@@ -14,6 +18,18 @@ def _setup(tmp_path, case):
     cfg = deep_update(TINY_CONFIG, {})
     extra: list[str] = []
     path = tmp_path / "config.yaml"
+    # Command-line usage: typer's own errors.
+    if case == "no_arguments":
+        return []
+    if case == "unknown_command":
+        return ["trian"]
+    if case == "train_without_config":
+        return ["train"]
+    if case == "unknown_option":
+        return ["train", str(write_yaml(path, cfg)), "--frobnicate"]
+    if case == "n_not_a_number":
+        return ["generate", "--model", "builtin:tiny-sd", "--prompt", "a cat", "--out", str(tmp_path / "out"),
+                "-n", "abc"]
     if case == "missing_config":
         return ["train", str(tmp_path / "nope.yaml")]
     if case == "yaml_syntax":
@@ -80,6 +96,12 @@ def _setup(tmp_path, case):
 
 
 CASES = {
+    # usage errors (typer's, not ours)
+    "no_arguments": "COMMAND",
+    "unknown_command": "trian",
+    "train_without_config": "CONFIG",
+    "unknown_option": "--frobnicate",
+    "n_not_a_number": "-n",
     "missing_config": "config",
     "yaml_syntax": "YAML",
     "unknown_key": "trainig",
@@ -125,6 +147,43 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capfd, cas
 def test_debug_flag_shows_the_traceback(tmp_path, capfd):
     assert main(["--debug", "train", str(tmp_path / "nope.yaml")]) == 2
     assert "Traceback" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "NOPE", "--debug"], ["train", "--debug", "NOPE"]])
+def test_debug_flag_works_after_the_command_too(tmp_path, capfd, argv):
+    argv = [str(tmp_path / "nope.yaml") if a == "NOPE" else a for a in argv]
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: config: file not found")
+
+
+def test_ctrl_c_in_train_says_how_to_continue_and_exits_130(tmp_path, capfd, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("raft_diffusion.train.run_training", interrupted)
+    argv = _setup(tmp_path, "ok")
+    assert main(argv) == 130
+    assert capfd.readouterr().err.strip().splitlines() == ["interrupted; continue with --resume"]
+
+
+def test_ctrl_c_in_another_command_exits_130(tmp_path, capfd, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("raft_diffusion.rewards.build_reward", interrupted)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.png")
+    assert main([*SCORE, str(tmp_path / "black.png")]) == 130
+    assert capfd.readouterr().err.strip().splitlines() == ["interrupted"]
+
+
+@pytest.mark.parametrize("argv", [[], ["train", "config.yaml", "--frobnicate"]])
+def test_cli_subprocess_usage_error_exits_2_without_traceback(tmp_path, argv):
+    result = run_cli(*argv, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_in_use_by_a_live_process_is_refused_even_with_resume(tmp_path, capfd):
