@@ -60,3 +60,15 @@ def test_config_help_lists_fields_with_help(capsys):
     assert main(["config-help"]) == 0
     out = capsys.readouterr().out
     assert "generation.samples_per_prompt" in out and "K: candidates generated per prompt" in out
+
+
+def test_score_reads_16_bit_and_float_images_on_the_8_bit_scale(tmp_path, capsys):
+    # The same gray, 128 / 255, as 8-bit RGB, 16-bit gray PNG (128 * 257 / 65535) and float TIFF.
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(np.full((32, 32), 128 * 257, np.uint16)).save(tmp_path / "16.png")
+    Image.fromarray(np.full((32, 32), 128 / 255, np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    files = [str(tmp_path / name) for name in ("8.png", "16.png", "f.tif", "white.png")]
+    assert main(["score", "--reward", "jpeg_incompressibility", *files]) == 0
+    gray8, gray16, gray_float, white = [float(x) for x in capsys.readouterr().out.split()]
+    assert gray16 == gray8 == gray_float != white  # not clipped to white (16-bit) nor read as black (float)

@@ -1,6 +1,8 @@
 """Every mistake a user can make exits 2 with one short line naming the field, and writes nothing."""
 
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +13,16 @@ from raft_diffusion.cli import main
 from .conftest import TINY_CONFIG, deep_update, run_cli, write_yaml
 
 SCORE = ["score", "--reward", "jpeg_compressibility"]
+
+
+def _png_header_only(path, width, height):
+    """A PNG that claims width x height gray pixels but holds almost no data (a decompression bomb's header)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+    return path
 
 
 def _setup(tmp_path, case):
@@ -30,6 +42,24 @@ def _setup(tmp_path, case):
     if case == "n_not_a_number":
         return ["generate", "--model", "builtin:tiny-sd", "--prompt", "a cat", "--out", str(tmp_path / "out"),
                 "-n", "abc"]
+    # score: images and reward options.
+    if case.startswith("reward_option_") and not case.startswith("reward_option_in_config"):
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "gray.png")
+        value = "abc" if case == "reward_option_not_a_number" else "500"
+        return [*SCORE, "--option", f"quality={value}", str(tmp_path / "gray.png")]
+    if case == "truncated_png":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(tmp_path / "full.png")
+        data = (tmp_path / "full.png").read_bytes()
+        (tmp_path / "full.png").unlink()
+        (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+        return [*SCORE, str(tmp_path / "cut.png")]
+    if case == "decompression_bomb":  # over twice PIL's MAX_IMAGE_PIXELS: PIL raises
+        return [*SCORE, str(_png_header_only(tmp_path / "bomb.png", 20000, 20000))]
+    if case == "decompression_bomb_warning":  # between one and two times MAX_IMAGE_PIXELS: PIL only warns
+        return [*SCORE, str(_png_header_only(tmp_path / "bomb.png", 10000, 10000))]
+    if case == "float_tiff_out_of_range":
+        Image.fromarray(np.full((32, 32), 300.0, np.float32)).save(tmp_path / "hdr.tif")
+        return [*SCORE, str(tmp_path / "hdr.tif")]
     if case == "missing_config":
         return ["train", str(tmp_path / "nope.yaml")]
     if case == "yaml_syntax":
@@ -78,6 +108,8 @@ def _setup(tmp_path, case):
         cfg["rewards"] = [{"name": "vader"}]
     elif case == "unknown_reward_option":
         cfg["rewards"] = [{"name": "clip", "options": {"modle": "ViT-B-32"}}]
+    elif case == "reward_option_in_config_not_a_number":
+        cfg["rewards"] = [{"name": "jpeg_compressibility", "options": {"quality": "high"}}]
     elif case in ("missing_clip_weights", "pickled_aesthetic_head"):
         import json
 
@@ -102,6 +134,15 @@ CASES = {
     "train_without_config": "CONFIG",
     "unknown_option": "--frobnicate",
     "n_not_a_number": "-n",
+    # score
+    "truncated_png": "IMAGE",
+    "decompression_bomb": "IMAGE",
+    "decompression_bomb_warning": "IMAGE",
+    "float_tiff_out_of_range": "IMAGE",
+    "reward_option_not_a_number": "options.quality",
+    "reward_option_out_of_range": "options.quality",
+    # train
+    "reward_option_in_config_not_a_number": "rewards.0.options.quality",
     "missing_config": "config",
     "yaml_syntax": "YAML",
     "unknown_key": "trainig",

@@ -83,6 +83,26 @@ def build_reward(name: str, options: dict[str, Any], device: torch.device,
     if unknown:
         raise UserError(f"{field}.options", f"unknown option(s) {unknown} for {name}",
                         f"allowed: {', '.join(allowed) or 'none'}")
+    for key, value in options.items():
+        _check_option_type(name, key, value, params[key].default, f"{field}.options.{key}")
     injected = {"device": torch.device(device), "dtype": dtype, "field": f"{field}.options"}
     kwargs = {**options, **{k: v for k, v in injected.items() if k in params}}
     return factory(**kwargs)
+
+
+def _check_option_type(reward: str, key: str, value: Any, default: Any, field: str) -> None:
+    """Refuse an option value of the wrong kind where the factory's default is a number or a boolean.
+
+    Such a value would otherwise fail deep inside the reward (`quality: abc` in PIL's JPEG encoder).
+    Options with text or no default (names, paths) are checked by the factories themselves.
+    """
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise UserError(field, f"{reward}'s {key} must be {kind}, got {value!r}", f"e.g. {key}: {default!r}")
