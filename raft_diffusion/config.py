@@ -7,7 +7,7 @@ Unknown keys are rejected, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,7 +128,8 @@ class TrainingConfig(_Strict):
 class RaftConfig(_Strict):
     iterations: int = Field(10, gt=0, description="RAFT iterations (sample, rank, fine-tune)")
     prompts_per_iteration: int = Field(16, gt=0, description="b: prompts sampled per iteration")
-    seed: int = Field(0, ge=0, description="seed of prompts, samples and training noise")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of prompts, samples and training noise "
+                      "(0 to 2**32 - 1, numpy's range)")
 
 
 class EvalConfig(_Strict):
@@ -141,6 +142,17 @@ class EvalConfig(_Strict):
 
 class CheckpointConfig(_Strict):
     keep_last: int = Field(2, gt=0, description="iteration checkpoints kept on disk")
+
+
+# Fields that only one backend reads: (section, field) -> that backend.
+BACKEND_ONLY_FIELDS = {
+    **{("generation", name): "diffusion"
+       for name in ("resolution", "steps", "guidance_scale", "scheduler", "eta", "negative_prompt")},
+    ("training", "caption_dropout"): "diffusion",
+    **{("generation", name): "text" for name in ("temperature", "top_p", "max_new_tokens")},
+    ("model", "gguf_file"): "text",
+    ("model", "trust_remote_code"): "text",
+}
 
 
 class RunConfig(_Strict):
@@ -156,6 +168,19 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
     output_dir: str = Field("runs/raft", description="run directory")
+
+    @model_validator(mode="after")
+    def _no_fields_of_the_other_backend(self) -> "RunConfig":
+        # A field only the other backend reads would be silently ignored: refuse it. Only a value
+        # the user set that differs from the default counts, because the resolved config.yaml of
+        # every run writes all fields (defaults included) and must load again on --resume.
+        for (section, name), backend in BACKEND_ONLY_FIELDS.items():
+            part = getattr(self, section)
+            if (backend != self.backend and name in part.model_fields_set
+                    and getattr(part, name) != type(part).model_fields[name].default):
+                raise UserError(f"config {section}.{name}", f"applies only to backend {backend}, and this run's "
+                                f"backend is {self.backend}", f"remove it, or set backend: {backend}")
+        return self
 
     @model_validator(mode="after")
     def _text_lora_targets(self) -> "RunConfig":
@@ -219,6 +244,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     model: type[BaseModel] | None = RunConfig
+    free = False  # below a free dict (a reward's options) any key goes
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -226,12 +252,16 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise UserError("--set", f"{key}: no list item {part!r}", "use an existing index")
             idx: Any = int(part)
+        elif free:
+            idx = part
         else:
             if model is None or part not in model.model_fields:
                 allowed = ", ".join(model.model_fields) if model else "none"
                 raise UserError("--set", f"unknown key {key!r}", f"allowed at this level: {allowed}")
             idx = part
-            model = _submodel(model.model_fields[part].annotation)
+            annotation = model.model_fields[part].annotation
+            free = get_origin(annotation) is dict
+            model = _submodel(annotation)
         if last:
             try:
                 value = yaml.safe_load(raw)
@@ -242,6 +272,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             if isinstance(node, dict) and node.get(idx) is None:
                 node[idx] = {}
             node = node[idx]
+            if not isinstance(node, (dict, list)):
+                raise UserError("--set", f"{key}: {part} holds a value, not fields", f"set {'.'.join(parts[:i + 1])}")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -269,6 +301,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except ValidationError as e:
         raise _format_validation_error(e, str(path)) from None
     return config.model_copy(update={}, deep=True)
+
+
+def read_saved_config(path: Path) -> Any:
+    """The fields of a run's own config.yaml (to compare on --resume); a damaged file is a UserError."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        # e.g. a !!python/object tag, which safe_load refuses (raft-diffusion never writes one)
+        problem = (getattr(e, "problem", None) or type(e).__name__).replace("tag:yaml.org,2002:", "!!")
+        raise UserError("output_dir", f"cannot read {path}: {problem}",
+                        "restore the run's config.yaml, or start over with --overwrite") from None
 
 
 def config_to_yaml(config: RunConfig) -> str:

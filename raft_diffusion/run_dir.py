@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .checkpoint import latest_checkpoint, write_text_atomically
+from .config import read_saved_config
 from .errors import UserError
 
 # Fields a resumed run may change: how long it runs, and where it lives.
@@ -83,7 +82,7 @@ class RunDirectory:
             saved = self.path / "config.yaml"
             if empty or not saved.is_file():
                 return "new"
-            diff = _first_difference(yaml.safe_load(saved.read_text()), config)
+            diff = _first_difference(read_saved_config(saved), config)
             if diff is not None:
                 raise UserError(f"config {'.'.join(map(str, diff))}",
                                 f"differs from the run's {saved}",

@@ -1,9 +1,9 @@
 import pytest
 
-from raft_diffusion.config import RunConfig, apply_override, field_help, load_config
+from raft_diffusion.config import RunConfig, apply_override, config_to_yaml, field_help, load_config
 from raft_diffusion.errors import UserError
 
-from .conftest import TINY_CONFIG, write_yaml
+from .conftest import TEXT_CONFIG, TINY_CONFIG, deep_update, write_yaml
 
 
 def test_set_overrides_coerce_types_and_reach_nested_fields(tmp_path):
@@ -15,6 +15,26 @@ def test_set_overrides_coerce_types_and_reach_nested_fields(tmp_path):
     assert cfg.rewards[0].weight == 0.5
     assert cfg.lora.target_modules == ["to_q", "to_v"]
     assert cfg.training.max_grad_norm is None
+
+
+def test_set_reaches_any_key_of_a_rewards_free_options_dict(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", TINY_CONFIG)
+    cfg = load_config(path, ["rewards.0.options.quality=50", "rewards.0.options.extra.deep=x"])
+    assert cfg.rewards[0].options == {"quality": 50, "extra": {"deep": "x"}}
+    with pytest.raises(UserError, match="holds a value"):
+        load_config(path, ["rewards.0.options.quality=50", "rewards.0.options.quality.x=1"])
+
+
+@pytest.mark.parametrize("backend", ["diffusion", "text"])
+def test_a_field_of_the_other_backend_is_refused_but_a_runs_own_config_yaml_loads(tmp_path, backend):
+    data = TINY_CONFIG if backend == "diffusion" else TEXT_CONFIG
+    other = {"generation": {"temperature": 0.5}} if backend == "diffusion" else {"generation": {"steps": 5}}
+    with pytest.raises(UserError, match="applies only to backend"):
+        load_config(write_yaml(tmp_path / "other.yaml", deep_update(data, other)))
+    # A run's config.yaml holds every field, defaults of the other backend included: it must load.
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", data))
+    (tmp_path / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml") == cfg
 
 
 def test_unknown_set_key_names_the_key_and_the_allowed_ones():

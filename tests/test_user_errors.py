@@ -10,7 +10,7 @@ from PIL import Image
 
 from raft_diffusion.cli import main
 
-from .conftest import TINY_CONFIG, deep_update, run_cli, write_yaml
+from .conftest import TEXT_CONFIG, TINY_CONFIG, deep_update, run_cli, write_yaml
 
 SCORE = ["score", "--reward", "jpeg_compressibility"]
 
@@ -110,6 +110,24 @@ def _setup(tmp_path, case):
         cfg["rewards"] = [{"name": "clip", "options": {"modle": "ViT-B-32"}}]
     elif case == "reward_option_in_config_not_a_number":
         cfg["rewards"] = [{"name": "jpeg_compressibility", "options": {"quality": "high"}}]
+    elif case == "seed_too_large":  # numpy's seeds stop at 2**32 - 1
+        cfg["raft"]["seed"] = 2**32
+    elif case == "python_tag_in_run_config":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "config.yaml").write_text("!!python/object/apply:os.system [echo hacked]\n")
+        extra = ["--resume"]
+    elif case.endswith("_in_diffusion_run"):
+        name = case.removesuffix("_in_diffusion_run")
+        section, value = {"temperature": ("generation", 0.7), "top_p": ("generation", 0.9),
+                          "max_new_tokens": ("generation", 16), "gguf_file": ("model", "model.gguf"),
+                          "trust_remote_code": ("model", True)}[name]
+        cfg[section][name] = value
+    elif case.endswith("_in_text_run"):
+        name = case.removesuffix("_in_text_run")
+        section = "training" if name == "caption_dropout" else "generation"
+        value = {"resolution": 64, "steps": 4, "guidance_scale": 3.0, "scheduler": "dpm_solver", "eta": 0.5,
+                 "negative_prompt": "blurry", "caption_dropout": 0.3}[name]
+        cfg = deep_update(TEXT_CONFIG, {"model": {"path": str(tmp_path / "no-llama")}, section: {name: value}})
     elif case in ("missing_clip_weights", "pickled_aesthetic_head"):
         import json
 
@@ -143,6 +161,20 @@ CASES = {
     "reward_option_out_of_range": "options.quality",
     # train
     "reward_option_in_config_not_a_number": "rewards.0.options.quality",
+    "seed_too_large": "raft.seed",
+    "python_tag_in_run_config": "config.yaml",
+    "temperature_in_diffusion_run": "generation.temperature",
+    "top_p_in_diffusion_run": "generation.top_p",
+    "max_new_tokens_in_diffusion_run": "generation.max_new_tokens",
+    "gguf_file_in_diffusion_run": "model.gguf_file",
+    "trust_remote_code_in_diffusion_run": "model.trust_remote_code",
+    "resolution_in_text_run": "generation.resolution",
+    "steps_in_text_run": "generation.steps",
+    "guidance_scale_in_text_run": "generation.guidance_scale",
+    "scheduler_in_text_run": "generation.scheduler",
+    "eta_in_text_run": "generation.eta",
+    "negative_prompt_in_text_run": "generation.negative_prompt",
+    "caption_dropout_in_text_run": "training.caption_dropout",
     "missing_config": "config",
     "yaml_syntax": "YAML",
     "unknown_key": "trainig",
