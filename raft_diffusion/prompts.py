@@ -29,7 +29,8 @@ def load_prompts(spec: str | list[str], field: str, search: Sequence[Path] = ())
     if not path.is_file():
         raise UserError(field, f"prompts file not found: {spec}", "give an existing file, one prompt a line")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) must not start the first prompt
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(field, f"{spec} is not UTF-8 (bad byte at offset {e.start})", "save the file as UTF-8") from None
     prompts = [line.strip() for line in text.splitlines()]

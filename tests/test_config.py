@@ -37,6 +37,13 @@ def test_a_field_of_the_other_backend_is_refused_but_a_runs_own_config_yaml_load
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+def test_a_byte_order_mark_does_not_start_the_first_prompt(tmp_path):
+    from raft_diffusion.prompts import load_prompts
+
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat in monet style\na dog\n".encode("utf-8"))
+    assert load_prompts(str(tmp_path / "p.txt"), "prompts.train") == ["a cat in monet style", "a dog"]
+
+
 def test_unknown_set_key_names_the_key_and_the_allowed_ones():
     data = dict(TINY_CONFIG)
     with pytest.raises(UserError) as e:
