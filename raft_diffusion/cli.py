@@ -91,10 +91,12 @@ def train(
 ) -> None:
     """Run RAFT: sample, rank with the rewards, fine-tune the LoRA; repeat."""
     from .config import load_config
+    from .writable import check_writable
 
     cfg = load_config(config, list(set_))
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
+    check_writable(cfg.output_dir, "output_dir")  # before the models load, not at the first file
     _quiet_libraries()
     from .train import run_training
 

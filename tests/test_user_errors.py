@@ -2,6 +2,7 @@
 
 import os
 import struct
+import subprocess
 import zlib
 
 import numpy as np
@@ -248,6 +249,51 @@ def test_ctrl_c_in_another_command_exits_130(tmp_path, capfd, monkeypatch):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "black.png")
     assert main([*SCORE, str(tmp_path / "black.png")]) == 130
     assert capfd.readouterr().err.strip().splitlines() == ["interrupted"]
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory this process cannot write to: mode 555, or, for root (whom modes do not stop), immutable."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("root can be kept from writing only by chattr +i, which this file system lacks")
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_check_writable_refuses_what_cannot_be_written(tmp_path, unwritable_dir):
+    from raft_diffusion.errors import UserError
+    from raft_diffusion.writable import check_writable
+
+    check_writable(tmp_path / "new" / "run", "output_dir")  # created by mkdir -p later: fine
+    check_writable(tmp_path, "output_dir")
+    for path in (unwritable_dir, unwritable_dir / "run", unwritable_dir / "a" / "b"):
+        with pytest.raises(UserError) as error:
+            check_writable(path, "output_dir")
+        assert error.value.field == "output_dir" and str(unwritable_dir) in error.value.problem
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        check_writable(tmp_path / "file" / "run", "output_dir")
+
+
+def test_train_into_an_unwritable_directory_exits_2_before_writing(tmp_path, capfd, unwritable_dir):
+    argv = _setup(tmp_path, "ok")
+    argv[argv.index("--output-dir") + 1] = str(unwritable_dir / "run")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: output_dir: cannot write to")
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("argv", [[], ["train", "config.yaml", "--frobnicate"]])
