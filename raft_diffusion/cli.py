@@ -13,8 +13,8 @@ from typing import Optional
 import click
 import typer
 
-from .errors import UserError
-from .paths import REPO
+from .errors import RunFailed, UserError
+from .paths import CONFIGS
 
 DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml",
          "text": "text-imdb-smollm2.yaml"}
@@ -58,16 +58,17 @@ def _search_dirs(config_path: Path) -> list[Path]:
 def train(
     config: Path = typer.Argument(..., help="YAML run configuration."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set raft.seed=1 (repeatable)."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (overrides output_dir)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in the directory (only a run's "
+                                   "own files are removed; a directory holding anything else is refused)."),
 ) -> None:
     """Run RAFT: sample, rank with the rewards, fine-tune the LoRA; repeat."""
     from .config import load_config
 
     cfg = load_config(config, list(set_))
     if output_dir is not None:
-        cfg.output_dir = str(output_dir)
+        _set_output_dir(cfg, output_dir)
     _quiet_libraries()
     from .train import run_training
 
@@ -76,41 +77,65 @@ def train(
         print(f"done: {cfg.output_dir}/final")
 
 
+def _set_output_dir(cfg, value: str, field: str = "--output-dir") -> None:
+    if not value.strip():
+        raise UserError(field, "is empty", "name a run directory, e.g. --output-dir runs/my-run")
+    cfg.output_dir = value
+
+
 @app.command()
 def demo(
     name: str = typer.Argument(DEFAULT_DEMO, help=f"Demo to run: {', '.join(DEMOS)}."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default runs/demo-NAME)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (default runs/demo-NAME)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field of the demo's config: --set raft.iterations=2."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run in the directory (a run's own "
+                                   "files only; a directory holding anything else is refused)."),
 ) -> None:
-    """Run a shipped CPU demo end to end (it replaces its own earlier run directory)."""
+    """Run a shipped CPU demo end to end (a re-run replaces the same demo's earlier run)."""
     if name not in DEMOS:
         raise UserError("demo", f"unknown demo {name!r}", f"available: {', '.join(DEMOS)}")
-    path = REPO / "configs" / DEMOS[name]
+    path = CONFIGS / DEMOS[name]
     if not path.is_file():
-        raise UserError("demo", f"{path} is missing", "run the demo from a checkout of raft-diffusion")
+        raise UserError("demo", f"{path} is missing", "reinstall raft-diffusion")
     from .config import load_config
 
     cfg = load_config(path, list(set_))
-    cfg.output_dir = str(output_dir or Path("runs") / f"demo-{name}")
+    set_dir = any(a.partition("=")[0].strip() == "output_dir" for a in set_)
+    if output_dir is not None:
+        _set_output_dir(cfg, output_dir)
+    elif not set_dir:
+        cfg.output_dir = str(Path("runs") / f"demo-{name}")
     _quiet_libraries()
     from .train import run_training
 
-    print(f"demo {name}: {path.relative_to(REPO)} -> {cfg.output_dir}")
-    metrics = run_training(cfg, search=_search_dirs(path), overwrite=True)
-    if name in DEMO_REFERENCE_RESOLUTION:
-        from .train import evaluate_reference
+    pictures: list[Path] = []
 
-        evaluate_reference(cfg, DEMO_REFERENCE_RESOLUTION[name], search=_search_dirs(path))
+    def finish() -> None:  # still holding the run directory's lock
+        if name in DEMO_REFERENCE_RESOLUTION:
+            from .train import evaluate_reference
+
+            evaluate_reference(cfg, DEMO_REFERENCE_RESOLUTION[name], search=_search_dirs(path))
+        if cfg.eval.every:
+            from . import report
+
+            pictures.append(report.before_after_samples(cfg.output_dir))
+
+    print(f"demo {name}: configs/{DEMOS[name]} -> {cfg.output_dir}")
+    metrics = run_training(cfg, search=_search_dirs(path), overwrite=overwrite, command=f"demo {name}",
+                           replaces=name, after=finish)
     first, last = metrics[0], metrics[-1]
     from .loop import raw_rewards
 
-    print(f"\nreward (mean over the iteration's samples): iteration 1 {first['reward_mean']:.4f}{raw_rewards(first)}"
-          f" -> iteration {last['iteration'] + 1} {last['reward_mean']:.4f}{raw_rewards(last)}")
+    def mean(record: dict) -> str:
+        return "n/a" if record["reward_mean"] is None else f"{record['reward_mean']:.4f}"
+
+    print(f"\nreward (mean over the iteration's samples): iteration 1 {mean(first)}{raw_rewards(first)}"
+          f" -> iteration {last['iteration'] + 1} {mean(last)}{raw_rewards(last)}")
     if first.get("eval_before"):
         from . import report
 
         print("\nevaluation on fixed prompts and seeds, base model vs tuned:\n" + report.table(cfg.output_dir))
-        print(f"before/after samples: {report.before_after_samples(cfg.output_dir)}")
+        print(f"before/after samples: {pictures[0]}")
     weights = sorted((Path(cfg.output_dir) / "final").glob("*.safetensors"))
     print(f"LoRA: {weights[0] if len(weights) == 1 else Path(cfg.output_dir) / 'final'}")
 
@@ -244,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:

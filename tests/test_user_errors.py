@@ -128,11 +128,18 @@ def test_debug_flag_shows_the_traceback(tmp_path, capfd):
 
 
 def test_run_in_use_by_a_live_process_is_refused_even_with_resume(tmp_path, capfd):
+    import fcntl
+
     argv = _setup(tmp_path, "ok")
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".lock").write_text(str(os.getppid()))  # a process that is certainly alive
-    assert main([*argv, "--resume"]) == 2
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live run holds it
+        os.write(fd, str(os.getppid()).encode())
+        assert main([*argv, "--resume"]) == 2
+    finally:
+        os.close(fd)
     assert "in use by running process" in capfd.readouterr().err
 
 
