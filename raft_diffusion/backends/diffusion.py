@@ -20,7 +20,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
 )
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
@@ -285,9 +284,12 @@ class DiffusionBackend:
             raise RuntimeError(f"adapter checkpoint has unexpected keys: {unexpected[:3]}")
 
     def save_adapter(self, directory: Path) -> None:
-        """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads with its alpha."""
+        """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads whole, with its alpha."""
         unet = self._unet()
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # PEFT's own names (`unet.<module>.lora_A.weight`), unconverted: convert_state_dict_to_diffusers
+        # renames only attention layers (to `lora.down`), and diffusers reads a file in the one naming
+        # scheme of its first key, so a mixed file silently lost one kind of layer (the demos' attention).
+        layers = get_peft_model_state_dict(unet)
         StableDiffusionPipeline.save_lora_weights(
             str(directory), unet_lora_layers=layers, safe_serialization=True,
             unet_lora_adapter_metadata=_sorted_sets(unet.peft_config["default"].to_dict()),
