@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from peft.utils import get_peft_model_state_dict
@@ -83,3 +84,32 @@ def test_final_lora_of_the_demo_target_mix_loads_every_layer_and_reproduces_eval
     written = np.stack([np.asarray(Image.open(eval_dir / r["file"])) for r in rows])
     again = _images(pipe, config, [r["prompt"] for r in rows], [r["seed"] for r in rows])
     np.testing.assert_array_equal(again, written)
+
+
+def test_legacy_mixed_name_lora_loads_every_layer(tmp_path):
+    """A final/ saved before PEFT names (attention under `lora.down`, the rest under `lora_A`) loads whole."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+
+    targets = _demo_targets("toy-monet-cat.yaml")
+    unet = load_pipeline("builtin:tiny-sd").unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p))
+    trained = get_peft_model_state_dict(unet)
+    legacy = convert_state_dict_to_diffusers(trained)
+    assert any(".lora.down." in k for k in legacy) and any(".lora_A." in k for k in legacy)
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=legacy, unet_lora_adapter_metadata={
+        "r": 4, "lora_alpha": 8, "target_modules": targets})
+    pipe = load_pipeline("builtin:tiny-sd")
+    load_lora(pipe, tmp_path)
+    (adapter,) = pipe.unet.peft_config
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=adapter)
+    assert set(loaded) == set(trained) and all(torch.equal(loaded[k], v) for k, v in trained.items())
+    assert pipe.unet.peft_config[adapter].lora_alpha == 8
