@@ -137,7 +137,9 @@ def generate(
     """Generate images with a model and, optionally, a trained LoRA.
 
     Sampling is the training run's own: with a run's final/, its scheduler, steps, guidance and an
-    eval sample's seed (samples.jsonl), the image is the one the run wrote in samples/iter_NNNN/eval/.
+    eval sample's seed (samples.jsonl), the image is the one the run wrote in samples/iter_NNNN/eval/:
+    bit for bit where the run generated it alone (generation.batch_size 1), else to within a grey level
+    on a few pixels, as kernels round a batch of 32 slightly differently from a batch of 1.
     """
     _check_generate_options(n, resolution, steps, guidance_scale, scheduler, eta, batch_size)
     if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
