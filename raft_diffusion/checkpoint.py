@@ -110,13 +110,16 @@ def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
 
     write_dir_atomically(root / name, write)
     write_text_atomically(root / "latest", name + "\n")
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    # Prune only checkpoints older than this one: a later one (left by a run that resumed from an
+    # earlier fallback) is replaced when its iteration comes round, never deleted unseen.
+    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name <= name)
     for old in done[:-keep_last]:
         shutil.rmtree(old)
     return root / name
 
 
 def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `root/latest` names, if that pointer and its state.json exist."""
     pointer = root / "latest"
     if not pointer.is_file():
         return None
@@ -124,10 +127,94 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: Path, backend, generator: torch.Generator) -> dict[str, Any]:
+def candidates(root: Path) -> list[Path]:
+    """Checkpoints to resume from, best first: the one `latest` names, then the others newest first."""
+    found = sorted((p for p in root.glob("iter_*") if p.is_dir()), reverse=True)
+    named = None
+    pointer = root / "latest"
+    if pointer.is_file():
+        try:
+            named = root / pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+    if named is not None and named in found:
+        found.remove(named)
+        found.insert(0, named)
+    return found
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file is missing or unreadable; `path` names it."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Every file of a checkpoint, read and checked before anything is applied."""
+    parts: dict[str, Any] = {}
+    readers = {
+        "state.json": lambda f: json.loads(f.read_text(encoding="utf-8")),
+        "adapter.safetensors": lambda f: load_file(str(f)),
+        "training_state.pt": lambda f: torch.load(f, weights_only=True, map_location="cpu"),
+        "rng.safetensors": lambda f: load_file(str(f)),
+    }
+    for name, read in readers.items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptCheckpoint(file, "missing")
+        try:
+            parts[name] = read(file)
+        except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
+            raise CorruptCheckpoint(file, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    state = parts["state.json"]
+    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or "rng" not in state:
+        raise CorruptCheckpoint(path / "state.json", "holds no iteration and RNG state")
+    adapter = parts["adapter.safetensors"]
+    if any(not torch.isfinite(t).all() for t in adapter.values() if t.is_floating_point()):
+        raise CorruptCheckpoint(path / "adapter.safetensors", "holds non-finite weights")
+    return parts
+
+
+def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
     """Restore adapter, optimizer and RNG states; returns the saved loop state."""
-    backend.load_adapter_state(load_file(str(path / "adapter.safetensors")))
-    backend.load_training_state(torch.load(path / "training_state.pt", weights_only=True, map_location="cpu"))
-    state = json.loads((path / "state.json").read_text())
-    set_rng_state(state.pop("rng"), load_file(str(path / "rng.safetensors")), generator)
+    parts = parts if parts is not None else read_checkpoint(path)
+    try:
+        backend.load_adapter_state(parts["adapter.safetensors"])
+        backend.load_training_state(parts["training_state.pt"])
+    except Exception as e:  # noqa: BLE001 - e.g. shapes of another model
+        raise CorruptCheckpoint(path / "adapter.safetensors", f"does not fit this model ({type(e).__name__})") from e
+    state = dict(parts["state.json"])
+    set_rng_state(state.pop("rng"), parts["rng.safetensors"], generator)
     return state
+
+
+def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str], None]
+           ) -> tuple[Path | None, dict[str, Any] | None]:
+    """Load the newest intact checkpoint under `root`; (None, None) when there is none at all.
+
+    A missing `latest` pointer or a corrupt checkpoint falls back to the next newest one, with a
+    one-line warning; when checkpoints exist but none is intact, raises `UserError` naming the file.
+    """
+    from .errors import UserError
+
+    found = candidates(root)
+    if not found:
+        return None, None
+    named = latest_checkpoint(root)
+    first_problem = None
+    for path in found:
+        try:
+            state = load_checkpoint(path, backend, generator, read_checkpoint(path))
+        except CorruptCheckpoint as e:  # the next candidate overwrites whatever this one applied
+            first_problem = first_problem or e
+            continue
+        if first_problem is not None:
+            warn(f"warning: {first_problem}; resuming from the older {path.name} instead")
+        elif named is None or named != path:
+            warn(f"warning: {root / 'latest'} is missing or stale; resuming from {path.name}, the newest intact checkpoint")
+        return path, state
+    raise UserError("--resume", f"no intact checkpoint in {root}: {first_problem}",
+                    "restore the file, or start the run over with --overwrite")

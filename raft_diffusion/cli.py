@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -13,8 +14,8 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from .errors import UserError
-from .paths import REPO
+from .errors import RunFailed, UserError
+from .paths import CONFIGS
 
 try:  # typer >= 0.29 carries its own click: click's own classes never match the errors it raises
     from typer._click import exceptions as _click_errors
@@ -85,18 +86,17 @@ def _search_dirs(config_path: Path) -> list[Path]:
 def train(
     config: Path = typer.Argument(..., help="YAML run configuration."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: --set raft.seed=1 (repeatable)."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (overrides output_dir)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (overrides output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in the directory (only a run's "
+                                   "own files are removed; a directory holding anything else is refused)."),
 ) -> None:
     """Run RAFT: sample, rank with the rewards, fine-tune the LoRA; repeat."""
     from .config import load_config
-    from .writable import check_writable
 
     cfg = load_config(config, list(set_))
     if output_dir is not None:
-        cfg.output_dir = str(output_dir)
-    check_writable(cfg.output_dir, "output_dir")  # before the models load, not at the first file
+        _set_output_dir(cfg, output_dir)  # a read-only directory is refused when the run claims it
     _quiet_libraries()
     from .train import run_training
 
@@ -105,41 +105,65 @@ def train(
         print(f"done: {cfg.output_dir}/final")
 
 
+def _set_output_dir(cfg, value: str, field: str = "--output-dir") -> None:
+    if not value.strip():
+        raise UserError(field, "is empty", "name a run directory, e.g. --output-dir runs/my-run")
+    cfg.output_dir = value
+
+
 @app.command()
 def demo(
     name: str = typer.Argument(DEFAULT_DEMO, help=f"Demo to run: {', '.join(DEMOS)}."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run directory (default runs/demo-NAME)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Run directory (default runs/demo-NAME)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field of the demo's config: --set raft.iterations=2."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run in the directory (a run's own "
+                                   "files only; a directory holding anything else is refused)."),
 ) -> None:
-    """Run a shipped CPU demo end to end (it replaces its own earlier run directory)."""
+    """Run a shipped CPU demo end to end (a re-run replaces the same demo's earlier run)."""
     if name not in DEMOS:
         raise UserError("demo", f"unknown demo {name!r}", f"available: {', '.join(DEMOS)}")
-    path = REPO / "configs" / DEMOS[name]
+    path = CONFIGS / DEMOS[name]
     if not path.is_file():
-        raise UserError("demo", f"{path} is missing", "run the demo from a checkout of raft-diffusion")
+        raise UserError("demo", f"{path} is missing", "reinstall raft-diffusion")
     from .config import load_config
 
     cfg = load_config(path, list(set_))
-    cfg.output_dir = str(output_dir or Path("runs") / f"demo-{name}")
+    set_dir = any(a.partition("=")[0].strip() == "output_dir" for a in set_)
+    if output_dir is not None:
+        _set_output_dir(cfg, output_dir)
+    elif not set_dir:
+        cfg.output_dir = str(Path("runs") / f"demo-{name}")
     _quiet_libraries()
     from .train import run_training
 
-    print(f"demo {name}: {path.relative_to(REPO)} -> {cfg.output_dir}")
-    metrics = run_training(cfg, search=_search_dirs(path), overwrite=True)
-    if name in DEMO_REFERENCE_RESOLUTION:
-        from .train import evaluate_reference
+    pictures: list[Path] = []
 
-        evaluate_reference(cfg, DEMO_REFERENCE_RESOLUTION[name], search=_search_dirs(path))
+    def finish() -> None:  # still holding the run directory's lock
+        if name in DEMO_REFERENCE_RESOLUTION:
+            from .train import evaluate_reference
+
+            evaluate_reference(cfg, DEMO_REFERENCE_RESOLUTION[name], search=_search_dirs(path))
+        if cfg.eval.every:
+            from . import report
+
+            pictures.append(report.before_after_samples(cfg.output_dir))
+
+    print(f"demo {name}: configs/{DEMOS[name]} -> {cfg.output_dir}")
+    metrics = run_training(cfg, search=_search_dirs(path), overwrite=overwrite, command=f"demo {name}",
+                           replaces=name, after=finish)
     first, last = metrics[0], metrics[-1]
     from .loop import raw_rewards
 
-    print(f"\nreward (mean over the iteration's samples): iteration 1 {first['reward_mean']:.4f}{raw_rewards(first)}"
-          f" -> iteration {last['iteration'] + 1} {last['reward_mean']:.4f}{raw_rewards(last)}")
+    def mean(record: dict) -> str:
+        return "n/a" if record["reward_mean"] is None else f"{record['reward_mean']:.4f}"
+
+    print(f"\nreward (mean over the iteration's samples): iteration 1 {mean(first)}{raw_rewards(first)}"
+          f" -> iteration {last['iteration'] + 1} {mean(last)}{raw_rewards(last)}")
     if first.get("eval_before"):
         from . import report
 
         print("\nevaluation on fixed prompts and seeds, base model vs tuned:\n" + report.table(cfg.output_dir))
-        print(f"before/after samples: {report.before_after_samples(cfg.output_dir)}")
+        print(f"before/after samples: {pictures[0]}")
     weights = sorted((Path(cfg.output_dir) / "final").glob("*.safetensors"))
     print(f"LoRA: {weights[0] if len(weights) == 1 else Path(cfg.output_dir) / 'final'}")
 
@@ -151,14 +175,25 @@ def generate(
     out: Path = typer.Option(..., "--out", help="Directory for the PNG files."),
     lora: Optional[Path] = typer.Option(None, "--lora", help="Directory with pytorch_lora_weights.safetensors."),
     n: int = typer.Option(4, "-n", help="Number of images."),
-    resolution: int = typer.Option(256, "--resolution", help="Image side in pixels."),
+    resolution: Optional[int] = typer.Option(
+        None, "--resolution", help="Image side in pixels (default: the model's own, e.g. 64 for builtin:toy-shapes)."),
     steps: int = typer.Option(20, "--steps", help="Denoising steps."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance; <= 1 disables it."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="Sampler: ddim or dpm_solver (as generation.scheduler)."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta; 0 is deterministic given the seed."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt for guidance."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; image i uses seed + i."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per forward pass (1: each image depends on "
+                                   "its seed alone, bit for bit)."),
 ) -> None:
-    """Generate images with a model and, optionally, a trained LoRA."""
-    if n <= 0:
-        raise UserError("-n", f"{n} images", "ask for at least 1")
+    """Generate images with a model and, optionally, a trained LoRA.
+
+    Sampling is the training run's own: with a run's final/, its scheduler, steps, guidance and an
+    eval sample's seed (samples.jsonl), the image is the one the run wrote in samples/iter_NNNN/eval/:
+    bit for bit where the run generated it alone (generation.batch_size 1), else to within a grey level
+    on a few pixels, as kernels round a batch of 32 slightly differently from a batch of 1.
+    """
+    _check_generate_options(n, resolution, steps, guidance_scale, scheduler, eta, batch_size)
     if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
         raise UserError("--lora", f"no pytorch_lora_weights.safetensors in {lora}", "pass a run's final/ directory")
     names = [out / f"{seed + i:06d}.png" for i in range(n)]
@@ -168,21 +203,74 @@ def generate(
     _quiet_libraries()
     import torch
 
-    from .backends.diffusion import load_pipeline
+    from .backends.diffusion import (check_resolution, encode_prompts, generate_latents, load_lora, load_pipeline,
+                                     make_scheduler, native_resolution)
+    from .config import GenerationConfig
+    from .rewards.jpeg import to_uint8
 
     pipe = load_pipeline(model, field="--model")
-    if resolution % pipe.vae_scale_factor:
-        raise UserError("--resolution", f"{resolution} is not a multiple of {pipe.vae_scale_factor}",
-                        f"use {resolution // pipe.vae_scale_factor * pipe.vae_scale_factor or pipe.vae_scale_factor}")
+    resolution = native_resolution(pipe) if resolution is None else resolution
+    check_resolution(pipe, resolution, "--resolution")
     if lora is not None:
-        pipe.load_lora_weights(str(lora))
+        load_lora(pipe, lora, "--lora")
+    pipe.scheduler = make_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=True)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
-    images = pipe([prompt] * n, height=resolution, width=resolution, num_inference_steps=steps,
-                  guidance_scale=guidance_scale, generator=generators).images
+    gen = GenerationConfig(resolution=resolution, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
+                           eta=eta, negative_prompt=negative_prompt, batch_size=batch_size)
+    seeds = [seed + i for i in range(n)]
+    cond, uncond = encode_prompts(pipe, [prompt] * n, gen)
+    images = to_uint8(generate_latents(pipe, cond, uncond, seeds, gen)[1])
+    _write_images(images, names)
+
+
+def _check_generate_options(n: int, resolution: int | None, steps: int, guidance_scale: float, scheduler: str,
+                            eta: float, batch_size: int) -> None:
+    """Refuse, before any model loads, the values that would fail late or give black images."""
+    import math
+    import typing
+
+    from .config import GenerationConfig
+
+    schedulers = typing.get_args(GenerationConfig.model_fields["scheduler"].annotation)  # the config's choices
+    if n <= 0:
+        raise UserError("-n", f"{n} images", "ask for at least 1")
+    if steps <= 0:
+        raise UserError("--steps", f"{steps} denoising steps", "use at least 1, e.g. 20")
+    if resolution is not None and resolution <= 0:
+        raise UserError("--resolution", f"{resolution} pixels", "use a positive multiple of the model's latent "
+                        "scale, or leave it out for the model's own size")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise UserError("--guidance-scale", f"{guidance_scale} is not a finite value >= 0",
+                        "use e.g. 7.5, or 1 for no guidance")
+    if scheduler not in schedulers:
+        raise UserError("--scheduler", f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(schedulers)}")
+    if not 0 <= eta <= 1:
+        raise UserError("--eta", f"{eta} is not in [0, 1]", "use a value from 0 (deterministic) to 1")
+    if batch_size <= 0:
+        raise UserError("--batch-size", f"{batch_size}", "use a positive batch size")
+
+
+def _write_images(images, names: list[Path]) -> None:
+    """All the PNG files, or none: each is written under a hidden name, then all are renamed."""
+    from PIL import Image
+
+    out = names[0].parent
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(images, names):
-        image.save(path)
+    temporary = [path.with_name(f".tmp-{path.name}") for path in names]
+    try:
+        for array, tmp in zip(images, temporary):
+            Image.fromarray(array).save(tmp, format="PNG")
+    except BaseException:
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    for tmp, path in zip(temporary, names):
+        os.replace(tmp, path)
         print(path)
 
 
@@ -310,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except UserError as e:
         return _fail(f"error: {e}", 2, debug)
+    except RunFailed as e:  # the run went wrong (diverged, rewards failed): nothing of it was saved
+        return _fail(f"error: {e}", 1, debug)
     except _click_errors.ClickException as e:
         return _fail(_usage_error(e), 2, debug)
     except _Interrupted as e:

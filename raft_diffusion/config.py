@@ -16,7 +16,9 @@ from .errors import UserError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a sensible setting: `learning_rate: inf` or `guidance_scale: .nan` would
+    # run to the end and write NaN weights.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -61,7 +63,7 @@ class PromptsConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    resolution: int = Field(256, gt=0, description="image side in pixels (diffusion)")
+    resolution: int = Field(256, gt=0, le=4096, description="image side in pixels (diffusion), at most 4096")
     steps: int = Field(20, gt=0, description="denoising steps (diffusion)")
     guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance; <= 1 disables it")
     scheduler: Literal["ddim", "dpm_solver"] = Field("ddim", description="sampler (diffusion)")
@@ -123,6 +125,10 @@ class TrainingConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="accelerate mixed precision for training"
     )
+    max_drop_fraction: float = Field(
+        0.5, ge=0, le=1, description="stop the run when the rewards fail on (drop) more than this share of an "
+        "iteration's samples; a reward that fails on every sample always stops it"
+    )
 
 
 class RaftConfig(_Strict):
@@ -167,7 +173,7 @@ class RunConfig(_Strict):
     raft: RaftConfig = Field(default_factory=RaftConfig, description="the outer loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
-    output_dir: str = Field("runs/raft", description="run directory")
+    output_dir: str = Field("runs/raft", min_length=1, description="run directory")
 
     @model_validator(mode="after")
     def _no_fields_of_the_other_backend(self) -> "RunConfig":

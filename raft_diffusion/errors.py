@@ -1,4 +1,9 @@
-"""The one exception type for mistakes a user can fix (exit code 2 in `cli.py`)."""
+"""The two exception types a run ends with on purpose (turned into exit codes in `cli.py` only).
+
+`UserError` (exit 2): a bad config, missing file or bad value that the user can fix.
+`RunFailed` (exit 1): the run itself went wrong (training diverged, every reward call failed);
+nothing of the failing iteration is saved, so the last checkpoint stays good for `--resume`.
+"""
 
 
 class UserError(Exception):
@@ -10,3 +15,7 @@ class UserError(Exception):
         if fix:
             msg += f" ({fix})"
         super().__init__(msg)
+
+
+class RunFailed(Exception):
+    """A run stopped because its training or rewards failed. The message names the likely cause."""

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .checkpoint import load_checkpoint, save_checkpoint, write_dir_atomically
+from .checkpoint import resume as load_latest, save_checkpoint, write_dir_atomically
 from .config import RunConfig
+from .errors import RunFailed
 from .protocols import Backend, Samples
 from .rewards.compose import RewardSet, Scored, nanmean
 from .run_dir import RunDirectory
@@ -32,18 +33,23 @@ from .selection import select
 
 def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
          run: RunDirectory, accelerator: Accelerator, train_prompts: Sequence[str],
-         eval_prompts: Sequence[str], log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run the RAFT iterations of `config` (resuming from `run`'s last checkpoint) and return the metrics."""
+         eval_prompts: Sequence[str], log: Callable[[str], None] = print, resume: bool = False
+         ) -> list[dict[str, Any]]:
+    """Run the RAFT iterations of `config` (with `resume`, from `run`'s newest intact checkpoint)
+    and return the metrics. A diverged training step or failing rewards raise `RunFailed` before
+    anything of that iteration is saved."""
     K, b, seed = config.generation.samples_per_prompt, config.raft.prompts_per_iteration, config.raft.seed
     generator = torch.Generator().manual_seed(seed)  # training noise, timesteps and batch order
     state, start = {"data_position": 0}, 0
-    checkpoint = run.latest_checkpoint()
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, backend, generator)
-        start = state.pop("iteration") + 1
-        if accelerator.is_main_process:
-            log(f"resumed from {checkpoint} at iteration {start}")
-    run.keep_metrics_before(start)
+    main = accelerator.is_main_process
+    if resume:
+        checkpoint, loaded = load_latest(run.checkpoints, backend, generator, warn=log if main else _silent)
+        if loaded is not None:
+            state, start = loaded, loaded.pop("iteration") + 1
+            if main:
+                log(f"resumed from {checkpoint} at iteration {start}")
+    if main:
+        run.keep_metrics_before(start, warn=log)
     eval_before = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts, "base") \
         if start == 0 and config.eval.every else None
 
@@ -54,17 +60,18 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         prompts, state["data_position"] = draw_prompts(train_prompts, state["data_position"], b, seed)
         groups = [g for g in range(len(prompts)) for _ in range(K)]
 
-        with timed(seconds, "generate"):  # 1. Sample
-            samples = generate(backend, accelerator, [prompts[g] for g in groups],
-                               [sample_seed(seed, 1, it, j) for j in range(len(groups))])
+        with timed(seconds, "generate"), stopped_at(it):  # 1. Sample
+            samples = check_finite(generate(backend, accelerator, [prompts[g] for g in groups],
+                                            [sample_seed(seed, 1, it, j) for j in range(len(groups))]), it > 0)
         with timed(seconds, "score"):  # 2. Score
             scored = reward(samples.outputs, samples.prompts, groups)
+        check_drops(scored, config, it)
         chosen = select(scored.total, groups, config.selection.strategy,  # 3. Select
                         config.selection.top, config.selection.fraction)
-        with timed(seconds, "train"):  # 4. Fine-tune
+        with timed(seconds, "train"), stopped_at(it):  # 4. Fine-tune
             loss = backend.train(shard(samples.select(chosen), accelerator), generator)
             loss = mean_over_processes(loss, accelerator)
-        with timed(seconds, "eval"):  # 5. Evaluate
+        with timed(seconds, "eval"), stopped_at(it):  # 5. Evaluate
             due = config.eval.every and ((it + 1) % config.eval.every == 0 or it + 1 == config.raft.iterations)
             evaluation = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts,
                                   f"iter_{it:04d}") if due else {}
@@ -102,6 +109,52 @@ def draw_prompts(prompts: Sequence[str], position: int, b: int, seed: int) -> tu
 def sample_seed(seed: int, *key: int) -> int:
     """A sample's seed: a pure function of the run seed and its place (purpose, iteration, index)."""
     return int(np.random.SeedSequence([seed, *key]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# --- stopping a run that went wrong, before it saves anything ---------------------------------
+
+
+def check_finite(samples: Samples, trained: bool) -> Samples:
+    """`samples`, unless generation produced NaN or inf (training on them would poison the LoRA).
+    `trained`: the LoRA has been trained already, so it, not the settings, may be what diverged."""
+    for name, value in [("outputs", samples.outputs), *samples.payload.items()]:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value.flatten(1))).any(1).sum()) if value.ndim > 1 else len(samples)
+            likely = ("the LoRA diverged: lower training.learning_rate" if trained else
+                      "check generation.guidance_scale and model.dtype: float16 overflows on some models")
+            raise RunFailed(f"generation produced non-finite values ({name}) in {bad} of {len(samples)} samples "
+                            f"({likely})")
+    return samples
+
+
+def check_drops(scored: Scored, config: RunConfig, it: int) -> None:
+    """Stop when the rewards failed on every sample, or on more than training.max_drop_fraction."""
+    n, dropped = len(scored.total), scored.n_dropped
+    limit = config.training.max_drop_fraction
+    if n == 0 or (dropped < n and dropped <= limit * n):
+        return
+    why = "; ".join(f"{k}: {v}" for k, v in scored.errors.items()) or "scores were not finite"
+    share = "every sample" if dropped == n else f"{dropped} of {n} samples, more than training.max_drop_fraction {limit}"
+    raise RunFailed(f"iteration {it + 1}: the rewards failed on {share} ({why}); nothing of this iteration was saved")
+
+
+class stopped_at:
+    """`with stopped_at(it):` prefixes a `RunFailed` raised inside with the iteration."""
+
+    def __init__(self, it: int):
+        self.it = it
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, RunFailed) and not str(error).startswith("iteration "):
+            raise RunFailed(f"iteration {self.it + 1}: {error}; nothing of this iteration was saved") from error
+        return False
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 # --- process sharding (a no-op with one process) -----------------------------------------------
@@ -142,8 +195,9 @@ def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: Rew
     prompts and seeds."""
     n = config.eval.samples_per_prompt
     groups = [g for g in range(len(prompts)) for _ in range(n)]
-    samples = generate(backend, accelerator, [prompts[g] for g in groups],
-                       [sample_seed(config.raft.seed, 2, j) for j in range(len(groups))], desc="eval")
+    samples = check_finite(generate(backend, accelerator, [prompts[g] for g in groups],
+                                    [sample_seed(config.raft.seed, 2, j) for j in range(len(groups))], desc="eval"),
+                           trained=name != "base" and not name.startswith("reference"))
     scored = reward(samples.outputs, samples.prompts, groups)
     judged = judges(samples.outputs, samples.prompts, groups) if judges.specs else None
     result = {"reward": nanmean(scored.total)}

@@ -1,10 +1,21 @@
-"""Where a checkout keeps what is not Python: shipped assets, configs and prompts.
+"""Where the package keeps what is not Python: shipped assets, configs and prompts.
 
-They are found relative to the repository (the Makefile installs the package editable); a wheel
-install would carry none of them, and the built-ins then report themselves as not built.
+A source checkout (the Makefile's editable install) has them at the repository's top level; a
+wheel carries them as package data under `raft_diffusion/_data/` (pyproject.toml maps the
+top-level folders there). Either way, the rest of the code asks this module.
 """
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "assets"
+PACKAGE = Path(__file__).resolve().parent
+REPO = PACKAGE.parent
+
+
+def _data(name: str) -> Path:
+    installed = PACKAGE / "_data" / name
+    return installed if installed.is_dir() else REPO / name
+
+
+ASSETS = _data("assets")
+CONFIGS = _data("configs")
+PROMPTS = _data("prompts")

@@ -1,7 +1,8 @@
-"""A training run end to end: validate everything, then build, then write, then loop.
+"""A training run end to end: validate, claim the run directory, build, then write and loop.
 
-Every check a user can fail (config, prompts, reward names, output directory, model path,
-resolution) runs before the run directory is touched, so a refused run writes nothing.
+Every check a user can fail (config, prompts, reward names, memory, output directory, model
+path, resolution) runs before anything is written, and a refused run leaves the directory as it
+found it: the claim (an exclusive lock) is undone when building fails.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ from .run_dir import RunDirectory
 
 
 def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool = False,
-                 overwrite: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train per `config`; returns the metrics records. User mistakes raise `UserError`."""
+                 overwrite: bool = False, log: Callable[[str], None] = print, command: str = "train",
+                 replaces: str | None = None, after: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Train per `config`; returns the metrics records. User mistakes raise `UserError`.
+
+    `command` is recorded in run.json; `replaces` (a demo name) lets that demo's earlier run in the
+    directory be replaced; `after` runs once the loop is done, still holding the directory's lock.
+    """
     import yaml
 
     train_prompts = load_prompts(config.prompts.train, "config prompts.train", search)
@@ -39,22 +45,56 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     if config.selection.strategy == "per_prompt" and config.selection.top > config.generation.samples_per_prompt:
         raise UserError("config selection.top", f"{config.selection.top} exceeds samples_per_prompt "
                         f"{config.generation.samples_per_prompt}", "keep top <= generation.samples_per_prompt")
+    check_memory(config, len(eval_prompts))
     run = RunDirectory(config.output_dir)
     config_yaml = config_to_yaml(config)
-    mode = run.check(yaml.safe_load(config_yaml), resume, overwrite)
-
-    accelerator, backend, reward, judges = _build(config)
+    main = os.environ.get("RANK", "0") == "0"  # other ranks of a multi-process run only read it
+    mode = run.claim(yaml.safe_load(config_yaml), resume, overwrite, replaces) if main else "resume"
+    try:
+        accelerator, backend, reward, judges = _build(config)
+        reward.check_prompts(train_prompts, "config prompts.train")
+        reward.check_prompts(eval_prompts, "config prompts.eval")
+        judges.check_prompts(eval_prompts, "config prompts.eval")
+    except BaseException:
+        run.abandon()
+        raise
 
     from .loop import raft
 
-    if accelerator.is_main_process:
-        run.open(mode, config_yaml)
-    accelerator.wait_for_everyone()
     try:
-        return raft(config, backend, reward, judges, run, accelerator, train_prompts, eval_prompts, log)
+        if main:
+            run.open(mode, config_yaml, command)
+        accelerator.wait_for_everyone()
+        metrics = raft(config, backend, reward, judges, run, accelerator, train_prompts, eval_prompts, log,
+                       resume=mode == "resume" and resume)
+        if after is not None:
+            after()
+        return metrics
     finally:
-        if accelerator.is_main_process:
-            run.close()
+        run.close()
+
+
+def check_memory(config: RunConfig, n_eval_prompts: int) -> None:
+    """Refuse, before anything is written, an iteration whose kept samples cannot fit in memory."""
+    if config.backend != "diffusion":
+        return
+    gen = config.generation
+    n = max(config.raft.prompts_per_iteration * gen.samples_per_prompt, n_eval_prompts * config.eval.samples_per_prompt)
+    # Decoded float32 images plus latents (at most 4 channels at 1/64 the pixels): what an iteration keeps.
+    need = n * (3 * gen.resolution ** 2 + 4 * gen.resolution ** 2 // 64) * 4
+    available = _memory_bytes()
+    if available and need > available // 2:
+        field = ("generation.resolution" if gen.resolution > 1024 else "raft.prompts_per_iteration")
+        raise UserError(f"config {field}", f"an iteration keeps {n} samples at {gen.resolution} px, about "
+                        f"{need / 2**30:.1f} GiB, more than half of this machine's {available / 2**30:.0f} GiB",
+                        "lower generation.resolution, raft.prompts_per_iteration or generation.samples_per_prompt")
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def evaluate_reference(config: RunConfig, resolution: int, *, search: Sequence[Path] = ()) -> dict[str, float]:

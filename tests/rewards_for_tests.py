@@ -43,3 +43,36 @@ def brightness(images, prompts):
 def redness(images, prompts):
     """Red minus the mean of green and blue, per image."""
     return (images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))).tolist()
+
+
+# --- faulty rewards: each must stop a run with a clear line, never end it in "success" ----------
+
+
+def wrong_length(images, prompts):
+    return [0.0] * (len(prompts) + 1)
+
+
+def strings(images, prompts):
+    return ["good"] * len(prompts)
+
+
+def always_raises(images, prompts):
+    raise RuntimeError("the reward server is down")
+
+
+def always_nan(images, prompts):
+    return [math.nan] * len(prompts)
+
+
+def exits(images, prompts):
+    raise SystemExit(3)
+
+
+def column(images, prompts):
+    """(N, 1) scores, as a regression head returns them: accepted as N scores."""
+    return images.mean(dim=(1, 2, 3))[:, None]
+
+
+def mostly_nan(images, prompts):
+    """Brightness, but NaN for 3 of every 4 samples: more than the default max_drop_fraction."""
+    return [float(m) if i % 4 == 0 else math.nan for i, m in enumerate(images.mean(dim=(1, 2, 3)).tolist())]

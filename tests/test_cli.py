@@ -48,10 +48,9 @@ def test_generate_with_lora_and_score_the_images(tmp_path, capsys):
 def test_overwrite_replaces_a_finished_run(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", deep_update(TINY_CONFIG, {"raft": {"iterations": 1}, "eval": {"every": 0}}))
     run = tmp_path / "run"
-    assert main(["train", str(config), "--output-dir", str(run)]) == 0
-    (run / "stale.txt").write_text("x")
+    assert main(["train", str(config), "--output-dir", str(run), "--set", "raft.seed=5"]) == 0
     assert main(["train", str(config), "--output-dir", str(run), "--overwrite"]) == 0
-    assert not (run / "stale.txt").exists()
+    assert json.loads((run / "config.yaml").read_text().split("seed: ")[1].split()[0]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert json.loads((run / "metrics.jsonl").read_text())["iteration"] == 0
 

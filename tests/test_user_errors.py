@@ -271,24 +271,11 @@ def unwritable_dir(tmp_path):
         subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
-def test_check_writable_refuses_what_cannot_be_written(tmp_path, unwritable_dir):
-    from raft_diffusion.errors import UserError
-    from raft_diffusion.writable import check_writable
-
-    check_writable(tmp_path / "new" / "run", "output_dir")  # created by mkdir -p later: fine
-    check_writable(tmp_path, "output_dir")
-    for path in (unwritable_dir, unwritable_dir / "run", unwritable_dir / "a" / "b"):
-        with pytest.raises(UserError) as error:
-            check_writable(path, "output_dir")
-        assert error.value.field == "output_dir" and str(unwritable_dir) in error.value.problem
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="not a directory"):
-        check_writable(tmp_path / "file" / "run", "output_dir")
-
-
-def test_train_into_an_unwritable_directory_exits_2_before_writing(tmp_path, capfd, unwritable_dir):
+@pytest.mark.parametrize("where", [".", "run", "a/b", "../file/run"])
+def test_train_into_an_unwritable_directory_exits_2_before_writing(tmp_path, capfd, unwritable_dir, where):
+    (tmp_path / "file").write_text("not a directory")
     argv = _setup(tmp_path, "ok")
-    argv[argv.index("--output-dir") + 1] = str(unwritable_dir / "run")
+    argv[argv.index("--output-dir") + 1] = str(unwritable_dir / where)
     before = sorted(tmp_path.rglob("*"))
     assert main(argv) == 2
     lines = capfd.readouterr().err.strip().splitlines()
@@ -306,11 +293,18 @@ def test_cli_subprocess_usage_error_exits_2_without_traceback(tmp_path, argv):
 
 
 def test_run_in_use_by_a_live_process_is_refused_even_with_resume(tmp_path, capfd):
+    import fcntl
+
     argv = _setup(tmp_path, "ok")
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".lock").write_text(str(os.getppid()))  # a process that is certainly alive
-    assert main([*argv, "--resume"]) == 2
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live run holds it
+        os.write(fd, str(os.getppid()).encode())
+        assert main([*argv, "--resume"]) == 2
+    finally:
+        os.close(fd)
     assert "in use by running process" in capfd.readouterr().err
 
 

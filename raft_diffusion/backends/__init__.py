@@ -43,6 +43,7 @@ def fine_tune(accelerator: "Accelerator", model: "nn.Module", optimizer: "torch.
     bar = tqdm(total=cfg.epochs * math.ceil(n / cfg.batch_size), desc="train", unit="batch", leave=False,
                disable=None if accelerator.is_local_main_process else True)
     model.train()
+    step = 0
     for _ in range(cfg.epochs):
         order = [items[i] for i in torch.randperm(n, generator=generator).tolist()]
         micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
@@ -51,14 +52,35 @@ def fine_tune(accelerator: "Accelerator", model: "nn.Module", optimizer: "torch.
             for j, batch in enumerate(group):
                 last = j == len(group) - 1
                 with accelerator.no_sync(model) if not last else contextlib.nullcontext():
-                    accelerator.backward(loss(batch, group))
+                    value = loss(batch, group)
+                    if accelerator.num_processes == 1:  # ranks must not stop alone; the norm below agrees
+                        _check_finite("loss", value, cfg, step)
+                    accelerator.backward(value)
                 bar.update(1)
             if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params
+                                                             if p.grad is not None] or [torch.zeros(())]))
+            if accelerator.scaler is None:  # with fp16 loss scaling, inf gradients are the scaler's business
+                _check_finite("gradient norm", norm, cfg, step)
             optimizer.step()
+            step += 1
             optimizer.zero_grad(set_to_none=True)
     bar.close()
     model.eval()
+
+
+def _check_finite(what: str, value: "torch.Tensor", cfg: "TrainingConfig", step: int) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights (and from there a checkpoint)."""
+    import torch
+
+    if value is not None and not bool(torch.isfinite(torch.as_tensor(value).detach()).all()):
+        from ..errors import RunFailed
+
+        raise RunFailed(f"training diverged: the {what} is {float(torch.as_tensor(value).detach())} at optimizer step {step + 1} "
+                        f"(lower training.learning_rate, now {cfg.learning_rate:g}"
+                        + (", or set training.max_grad_norm" if not cfg.max_grad_norm else "") + ")")
 
 
 def build_backend(config: "RunConfig", accelerator: "Accelerator") -> "Backend":

@@ -7,7 +7,10 @@ final latents; fine-tuning trains on them directly, so the VAE never encodes dur
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
 )
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
@@ -30,12 +32,14 @@ from . import check_lora_targets, fine_tune
 from ..errors import UserError
 from ..paths import ASSETS
 from ..protocols import Samples
-from ..weights import canonicalize_safetensors
+from ..weights import canonicalize_safetensors, read_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ASSET_BUILTINS = {"toy-shapes": "toyworld/toy-shapes"}  # trained, shipped pipelines
 BUILTINS = ("tiny-sd", "tiny-sd-v", *ASSET_BUILTINS)  # tiny-*: random, built on the fly
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what save_adapter writes and load_lora_weights reads
 
 
 def _looks_local(path: str) -> bool:
@@ -102,8 +106,103 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
 
 
 def make_scheduler(pipe: StableDiffusionPipeline, name: str):
-    cls = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}[name]
-    return cls.from_config(pipe.scheduler.config)
+    return SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+def native_resolution(pipe: StableDiffusionPipeline) -> int:
+    """The image side the model was trained at: its UNet's latent side times the VAE's scale."""
+    size = pipe.unet.config.sample_size
+    return (size[0] if isinstance(size, (list, tuple)) else size) * pipe.vae_scale_factor
+
+
+def check_resolution(pipe: StableDiffusionPipeline, resolution: int, field: str) -> None:
+    """Refuse an image side the model's latents cannot have: not a positive multiple of the VAE scale."""
+    scale = pipe.vae_scale_factor
+    if resolution <= 0 or resolution % scale:
+        lower, upper = resolution // scale * scale, max(1, -(-resolution // scale)) * scale
+        what = f"{resolution} is not a multiple" if resolution > 0 else f"{resolution} pixels is not a positive multiple"
+        raise UserError(field, f"{what} of the model's latent scale {scale}",
+                        f"use {lower} or {upper}" if 0 < lower < upper else f"use {upper} or a larger multiple")
+
+
+def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lora") -> None:
+    """The LoRA saved in `directory` attached to `pipe`'s UNet, every layer of it, or a `UserError`.
+
+    `pipe.load_lora_weights` leaves the layers it cannot place unattached, with a log line at most;
+    a user would then sample from part of the LoRA. Here every UNet tensor of the file must end up
+    in the loaded adapter, value for value.
+    """
+    path = Path(directory) / LORA_WEIGHTS
+    try:  # a garbage or truncated file: one line, before diffusers sees it
+        state = read_tensors(path, field)
+    except UserError as e:
+        raise UserError(field, e.problem, "pass a run's final/ directory, as training saved it") from None
+    expected = _unet_lora_tensors(state)
+    before = set(getattr(pipe.unet, "peft_config", {}))
+    try:
+        with _libraries_quiet():  # their partial-load notes are replaced by the verdict below
+            if _mixes_names(state):
+                # Earlier raft-diffusion saved attention layers under diffusers' old names and the rest
+                # under PEFT's; diffusers reads one scheme per file, so rename them all to PEFT's.
+                StableDiffusionPipeline.load_lora_into_unet(
+                    {f"unet.{k}": v for k, v in expected.items()}, None, pipe.unet, _pipeline=pipe,
+                    metadata=_lora_metadata(path))
+            else:
+                pipe.load_lora_weights(str(directory))
+    except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
+        raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
+                        "pass a LoRA trained on this --model") from None
+    added = [name for name in getattr(pipe.unet, "peft_config", {}) if name not in before]
+    attached = get_peft_model_state_dict(pipe.unet, adapter_name=added[0]) if added else {}
+    lost = [k for k, v in expected.items() if k not in attached or not torch.equal(attached[k].cpu(), v)]
+    if not attached or lost:
+        total = len(expected) or len(state)
+        example = f" (e.g. {lost[0]})" if lost else ""
+        raise UserError(field, f"{len(lost) or total} of {total} LoRA tensors in {path} match no layer of this "
+                        f"model's UNet{example}", "pass a LoRA trained on this --model")
+
+
+def _unet_lora_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's UNet LoRA tensors under PEFT's names, without the `unet.` prefix."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
+    return convert_unet_state_dict_to_peft(unet)
+
+
+def _mixes_names(state: dict[str, torch.Tensor]) -> bool:
+    old = any(".lora.down." in k or ".lora.up." in k for k in state)
+    return old and any(".lora_A." in k or ".lora_B." in k for k in state)
+
+
+def _lora_metadata(path: Path) -> dict[str, Any] | None:
+    """The LoRA config that `save_lora_weights` keeps in the file's header (rank, alpha, targets)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get("lora_adapter_metadata")
+    return json.loads(text) if text else None
+
+
+@contextlib.contextmanager
+def _libraries_quiet():
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def _load_reason(error: Exception) -> str:
+    """The informative line of a failed load: the first size mismatch, else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mismatch = [line for line in lines if line.startswith("size mismatch")]
+    return (mismatch or lines or [type(error).__name__])[0]
 
 
 @torch.inference_mode()
@@ -172,12 +271,7 @@ class DiffusionBackend:
         gen = config.generation
         pipe = load_pipeline(config.model.path, config.model.dtype, config.model.revision, config.model.variant,
                              field="config model.path")
-        scale = pipe.vae_scale_factor
-        if gen.resolution % scale:
-            lower, upper = gen.resolution // scale * scale, -(-gen.resolution // scale) * scale
-            raise UserError("config generation.resolution",
-                            f"{gen.resolution} is not a multiple of the model's latent scale {scale}",
-                            f"use {lower or upper} or {upper}")
+        check_resolution(pipe, gen.resolution, "config generation.resolution")
         pipe.scheduler = make_scheduler(pipe, gen.scheduler)
         pipe.set_progress_bar_config(disable=True)
         for part in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -285,9 +379,12 @@ class DiffusionBackend:
             raise RuntimeError(f"adapter checkpoint has unexpected keys: {unexpected[:3]}")
 
     def save_adapter(self, directory: Path) -> None:
-        """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads with its alpha."""
+        """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads whole, with its alpha."""
         unet = self._unet()
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # PEFT's own names (`unet.<module>.lora_A.weight`), unconverted: convert_state_dict_to_diffusers
+        # renames only attention layers (to `lora.down`), and diffusers reads a file in the one naming
+        # scheme of its first key, so a mixed file silently lost one kind of layer (the demos' attention).
+        layers = get_peft_model_state_dict(unet)
         StableDiffusionPipeline.save_lora_weights(
             str(directory), unet_lora_layers=layers, safe_serialization=True,
             unet_lora_adapter_metadata=_sorted_sets(unet.peft_config["default"].to_dict()),

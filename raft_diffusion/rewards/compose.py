@@ -1,7 +1,9 @@
 """The summed reward RAFT ranks by: weights, optional normalisation, dropped samples.
 
 A sample whose reward is not finite, or whose reward call raises, is dropped (score NaN):
-counted and logged, never fatal for the run.
+counted and logged, and the first reason kept per reward. The loop stops the run when too
+many are dropped (`training.max_drop_fraction`); a `UserError` from a reward (a config
+mistake) and `sys.exit()` inside one end the run at once instead of dropping samples.
 """
 
 from __future__ import annotations
@@ -9,34 +11,59 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..config import RewardSpec
+from ..errors import RunFailed, UserError
 from ..protocols import Reward, take
 from . import build_reward
 
 log = logging.getLogger(__name__)
 
 
-def _safe_scores(reward: Reward, outputs, prompts: Sequence[str]) -> np.ndarray:
-    """Scores as float64; NaN where the reward raised or returned a non-finite value."""
+def _as_scores(raw, n: int) -> np.ndarray:
+    """A reward's return value as n float64 scores: a sequence or tensor of shape (n,) or (n, 1)."""
+    if isinstance(raw, (str, bytes)) or not hasattr(raw, "__len__"):
+        raise TypeError(f"returned {type(raw).__name__}, not one score per sample")
+    values = raw.detach().cpu().tolist() if isinstance(raw, torch.Tensor) else (
+        raw.tolist() if isinstance(raw, np.ndarray) else list(raw))
+    values = [v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for v in values]  # (n, 1)
+    if len(values) != n:
+        raise ValueError(f"returned {len(values)} scores for {n} samples")
+    scores = []
+    for v in values:
+        if isinstance(v, (str, bytes)) or not isinstance(v, (int, float, np.number, bool)):
+            raise TypeError(f"returned a {type(v).__name__} score ({v!r:.40}), not a number")
+        scores.append(float(v))
+    return np.asarray(scores, dtype=np.float64)
+
+
+def _safe_scores(reward: Reward, outputs, prompts: Sequence[str], errors: list[str]) -> np.ndarray:
+    """Scores as float64; NaN where the reward raised or returned a non-finite value (the reason
+    goes to `errors`)."""
     n = len(prompts)
     try:
         with torch.inference_mode():
             raw = reward(outputs, list(prompts))
-        scores = np.asarray([float(x) for x in (raw.tolist() if hasattr(raw, "tolist") else raw)])
-        if scores.shape != (n,):
-            raise ValueError(f"returned {scores.shape[0]} scores for {n} samples")
+        scores = _as_scores(raw, n)
+        if not np.isfinite(scores).all() and not errors:
+            errors.append("returned a non-finite score")
         return np.where(np.isfinite(scores), scores, np.nan)
+    except UserError:
+        raise
+    except SystemExit as e:  # a reward must not end the run without a word
+        raise RunFailed(f"a reward called sys.exit({e.code!r})") from None
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing samples below
+        if not errors:
+            errors.append(f"{type(batch_error).__name__}: {(str(batch_error).splitlines() or [''])[0]}"[:200])
         if n == 1:
             log.warning("reward failed on one sample: %s", batch_error)
             return np.array([np.nan])
         # Score one by one so that one bad sample does not drop the batch.
-        return np.concatenate([_safe_scores(reward, take(outputs, [i]), [prompts[i]]) for i in range(n)])
+        return np.concatenate([_safe_scores(reward, take(outputs, [i]), [prompts[i]], errors) for i in range(n)])
 
 
 def _normalize(x: np.ndarray, groups: Sequence[int], how: str) -> np.ndarray:
@@ -59,6 +86,7 @@ def _normalize(x: np.ndarray, groups: Sequence[int], how: str) -> np.ndarray:
 class Scored:
     total: np.ndarray  # (N,) weighted sum, NaN for dropped samples
     parts: dict[str, np.ndarray]  # reward name -> raw (unnormalised) scores
+    errors: dict[str, str] = field(default_factory=dict)  # reward name -> first reason it dropped a sample
 
     @property
     def n_dropped(self) -> int:
@@ -87,18 +115,30 @@ class RewardSet:
     def __call__(self, outputs, prompts: Sequence[str], groups: Sequence[int], batch_size: int = 64) -> Scored:
         n = len(prompts)
         parts: dict[str, np.ndarray] = {}
+        errors: dict[str, str] = {}
         total = np.zeros(n)
         for label, spec, fn in zip(self.names(), self.specs, self.fns):
+            reasons: list[str] = []
             raw = np.concatenate([
-                _safe_scores(fn, take(outputs, range(i, min(n, i + batch_size))), prompts[i:i + batch_size])
+                _safe_scores(fn, take(outputs, range(i, min(n, i + batch_size))), prompts[i:i + batch_size], reasons)
                 for i in range(0, n, batch_size)
             ]) if n else np.zeros(0)
             parts[label] = raw
+            if reasons:
+                errors[label] = reasons[0]
             total = total + spec.weight * _normalize(raw, groups, spec.normalize)
         dropped = int(np.isnan(total).sum())
         if dropped:
             log.warning("%d of %d samples dropped: a reward failed or was not finite", dropped, n)
-        return Scored(total=total, parts=parts)
+        return Scored(total=total, parts=parts, errors=errors)
+
+    def check_prompts(self, prompts: Sequence[str], field: str) -> None:
+        """Refuse, before the run starts, prompts that a reward can never score (e.g. the oracle
+        and a prompt outside the toy world): such a run would drop every sample."""
+        for i, fn in enumerate(self.fns):
+            check = getattr(fn, "check_prompts", None)
+            if check is not None:
+                check(prompts, f"{field} (with {self.specs[i].name})")
 
 
 def nanmean(x: np.ndarray) -> float:

@@ -39,4 +39,13 @@ def oracle(weights: str | None = None, attributes: Sequence[str] | None = None,
             raise UserError(field, f"oracle cannot judge: {e}",
                             "use toy-world prompts, e.g. 'a red cat in monet style'") from None
 
+    def check_prompts(prompts: Sequence[str], where: str) -> None:
+        """Refuse a prompt that names none of the checked attributes (every sample of it would drop)."""
+        checked = attributes or known
+        for p in dict.fromkeys(prompts):
+            if not any(k in checked for k in toy_oracle.parse_prompt(p)):
+                raise UserError(where, f"the oracle cannot judge the prompt {p!r}: it names no toy-world "
+                                f"{', '.join(checked)}", "use toy-world prompts, e.g. 'a red cat in monet style'")
+
+    reward.check_prompts = check_prompts
     return reward

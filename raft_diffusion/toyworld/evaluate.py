@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from ..paths import REPO
+from ..paths import PROMPTS
 from ..tiny import sd_scheduler
 from . import oracle
 from .data import COLOURS, SHAPES, STYLES, TEMPLATES, Scene
 
-MONET_CAT_PROMPTS = REPO / "prompts/toy/monet_cat.txt"
+MONET_CAT_PROMPTS = PROMPTS / "toy/monet_cat.txt"
 
 
 def in_distribution_prompts(n: int, seed: int = 1) -> list[str]:
