@@ -63,7 +63,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         with timed(seconds, "generate"), stopped_at(it):  # 1. Sample
             samples = check_finite(generate(backend, accelerator, [prompts[g] for g in groups],
                                             [sample_seed(seed, 1, it, j) for j in range(len(groups))]), it > 0)
-        with timed(seconds, "score"):  # 2. Score
+        with timed(seconds, "score"), stopped_at(it):  # 2. Score
             scored = reward(samples.outputs, samples.prompts, groups)
         check_drops(scored, config, it)
         chosen = select(scored.total, groups, config.selection.strategy,  # 3. Select
