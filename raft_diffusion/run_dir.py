@@ -81,7 +81,6 @@ class RunDirectory:
         self.lock = self.path / ".lock"
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # directories this process created (removed again if refused)
-        self._opened = False
 
     def samples(self, name: str) -> Path:
         return self.path / "samples" / name
@@ -176,10 +175,15 @@ class RunDirectory:
                 raise UserError(f"config {'.'.join(map(str, diff))}", f"differs from the run's {saved}",
                                 "resume with the same config (only raft.iterations may change) or use --overwrite")
             return "resume"
-        if overwrite or (replaces is not None and self.origin() == f"demo {replaces}"):
+        if overwrite or (replaces is not None and self._made_by_demo(replaces)):
             return "overwrite"
         raise UserError("output_dir", f"{self.path} already holds a run",
                         "pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+
+    def _made_by_demo(self, name: str) -> bool:
+        origin = self.origin()
+        # Runs from before run.json existed: the demo's own default directory is taken as its run.
+        return origin == f"demo {name}" or (origin is None and self.path.name == f"demo-{name}")
 
     def origin(self) -> str | None:
         """The command that made the run here ('train', 'demo monet-cat'), from run.json."""
@@ -190,7 +194,7 @@ class RunDirectory:
 
     def abandon(self) -> None:
         """Undo a claim that did not become a run: release the lock, remove what the claim created."""
-        self.release(remove_lock=True)
+        self.release()
         for directory in self._created:
             try:
                 directory.rmdir()  # only if still empty
@@ -198,11 +202,10 @@ class RunDirectory:
                 break
         self._created = []
 
-    def release(self, remove_lock: bool = True) -> None:
+    def release(self) -> None:
         if self._lock_fd is None:
             return
-        if remove_lock:
-            self.lock.unlink(missing_ok=True)  # still ours: unlinked before the lock is let go
+        self.lock.unlink(missing_ok=True)  # still ours: unlinked before the lock is let go
         os.close(self._lock_fd)
         self._lock_fd = None
 
@@ -210,7 +213,6 @@ class RunDirectory:
 
     def open(self, mode: str, config_yaml: str, command: str = "train") -> None:
         """Start writing: clear an overwritten run's files or a killed run's leftovers; write the config."""
-        self._opened = True
         self._created = []
         for entry in self.path.iterdir():
             if entry.name == ".lock":
@@ -230,7 +232,7 @@ class RunDirectory:
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
 
     def close(self) -> None:
-        self.release(remove_lock=True)
+        self.release()
 
     def latest_checkpoint(self) -> Path | None:
         from .checkpoint import latest_checkpoint

@@ -77,6 +77,15 @@ def test_demo_replaces_its_own_earlier_run_but_not_another_run(tmp_path, capfd, 
     assert {p: p.stat().st_mtime_ns for p in trained.rglob("*")} == before
 
 
+def test_a_demo_run_from_before_run_json_is_still_replaced_in_its_default_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fast = ["--set", "raft.iterations=1", "--set", "raft.prompts_per_iteration=1", "--set", "training.epochs=1"]
+    assert main(["demo", "tiny", *fast]) == 0
+    (tmp_path / "runs/demo-tiny/run.json").unlink()  # as an older version left it
+    assert main(["demo", "tiny", *fast]) == 0
+    assert json.loads((tmp_path / "runs/demo-tiny/run.json").read_text())["command"] == "demo tiny"
+
+
 def test_overwrite_removes_only_what_a_run_writes(tmp_path, capfd):
     config = _config(tmp_path)
     run = tmp_path / "run"
