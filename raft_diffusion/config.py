@@ -125,6 +125,16 @@ class TrainingConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="accelerate mixed precision for training"
     )
+    objective: Literal["raft", "reward_weighted"] = Field(
+        "raft", description="what is fine-tuned on: raft = the selected samples, equally; reward_weighted = "
+        "every sample, weighted by exp(A / beta) with A its reward z-scored within its prompt"
+    )
+    beta: float = Field(1.0, gt=0, description="reward_weighted: temperature on the group-normalised reward "
+                        "(smaller keeps closer to the best samples)")
+    anchor_weight: float = Field(
+        0.0, ge=0, description="weight of a pull towards the base model (adapter off): diffusion, the squared "
+        "difference of the predictions; text, the token-level KL; 0 disables it"
+    )
     max_drop_fraction: float = Field(
         0.5, ge=0, le=1, description="stop the run when the rewards fail on (drop) more than this share of an "
         "iteration's samples; a reward that fails on every sample always stops it"

@@ -4,7 +4,8 @@
         1. Sample    K candidates for each of b prompts (one recorded seed per candidate)
         2. Score     reward = sum of weight * reward_i(sample, prompt); failures are dropped
         3. Select    the best of each prompt (per_prompt) or the best fraction (global)
-        4. Fine-tune the adapter on the selected (prompt, sample) pairs
+        4. Fine-tune the adapter on the selected (prompt, sample) pairs (`training.objective: raft`;
+           other objectives weight every sample: objectives.py)
         5. Evaluate  fixed prompts and seeds: training reward and held-out judges
         6. Checkpoint atomically
 
@@ -25,6 +26,7 @@ from accelerate import Accelerator
 from .checkpoint import resume as load_latest, save_checkpoint, write_dir_atomically
 from .config import RunConfig
 from .errors import RunFailed
+from .objectives import Targets, targets
 from .protocols import Backend, Samples
 from .rewards.compose import RewardSet, Scored, nanmean
 from .run_dir import RunDirectory
@@ -68,8 +70,9 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         check_drops(scored, config, it)
         chosen = select(scored.total, groups, config.selection.strategy,  # 3. Select
                         config.selection.top, config.selection.fraction)
-        with timed(seconds, "train"), stopped_at(it):  # 4. Fine-tune
-            loss = backend.train(shard(samples.select(chosen), accelerator), generator)
+        with timed(seconds, "train"), stopped_at(it):  # 4. Fine-tune (on what the objective makes of it)
+            train_on = training_samples(samples, targets(scored.total, groups, chosen, config.training))
+            loss = backend.train(shard(train_on, accelerator), generator)
             loss = mean_over_processes(loss, accelerator)
         with timed(seconds, "eval"), stopped_at(it):  # 5. Evaluate
             due = config.eval.every and ((it + 1) % config.eval.every == 0 or it + 1 == config.raft.iterations)
@@ -155,6 +158,14 @@ class stopped_at:
 
 def _silent(message: str) -> None:
     pass
+
+
+def training_samples(samples: Samples, chosen: Targets) -> Samples:
+    """The samples an objective trains on, with its per-sample weights (if any) in the payload."""
+    subset = samples.select(chosen.indices)
+    if chosen.weights is not None:
+        subset.payload["weight"] = torch.as_tensor(chosen.weights, dtype=torch.float64)
+    return subset
 
 
 # --- process sharding (a no-op with one process) -----------------------------------------------

@@ -311,8 +311,11 @@ class DiffusionBackend:
 
     # -- fine-tuning ------------------------------------------------------------------------
 
-    def _loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The scheduler's own target (epsilon or v) MSE at uniformly random timesteps."""
+    def _loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+              per_sample: bool = False) -> torch.Tensor:
+        """The scheduler's own target (epsilon or v) MSE at uniformly random timesteps, plus
+        `training.anchor_weight` times the MSE to the base model's prediction (adapter off) on the
+        same noisy input. A scalar, or one value per sample (N,) with `per_sample`."""
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
                           generator=generator).to(self.device)
@@ -320,9 +323,26 @@ class DiffusionBackend:
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
         dtype = self.pipe.unet.dtype
+        text = text.to(self.device, dtype)
         with self.accelerator.autocast():
-            pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(self.device, dtype)).sample
-        return F.mse_loss(pred.float(), target.float())
+            pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text).sample
+        reduce = (lambda x: x.mean(dim=tuple(range(1, x.ndim)))) if per_sample else (lambda x: x.mean())
+        loss = reduce((pred.float() - target.float()) ** 2) if per_sample else F.mse_loss(pred.float(), target.float())
+        anchor = self.config.training.anchor_weight
+        if anchor:
+            loss = loss + anchor * reduce((pred.float() - self._base_prediction(noisy.to(dtype), t, text)) ** 2)
+        return loss
+
+    @torch.no_grad()
+    def _base_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The frozen base UNet's prediction: the same forward with the LoRA switched off."""
+        unet = self._unet()
+        unet.disable_adapters()
+        try:
+            with self.accelerator.autocast():
+                return unet(noisy, t, encoder_hidden_states=text).sample.float()
+        finally:
+            unet.enable_adapters()
 
     def _drop_captions(self, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Replace a `training.caption_dropout` share of the prompt embeddings by the empty prompt's."""
@@ -339,12 +359,18 @@ class DiffusionBackend:
         if n == 0:
             return math.nan
         latents, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+        weights = samples.payload.get("weight")  # per-sample, from the objective; None: all equal
         losses = []
 
         def loss(batch: list[int], group: list[list[int]]) -> torch.Tensor:
-            value = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
-            losses.append(value.item())
-            return value * len(batch) / sum(len(b) for b in group)
+            if weights is None:
+                value = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
+                losses.append(value.item())
+                return value * len(batch) / sum(len(b) for b in group)
+            per = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator, per_sample=True)
+            losses.append(per.mean().item())
+            w = weights[batch].to(per.device, per.dtype)
+            return (w * per).sum() / float(sum(weights[i] for b in group for i in b))
 
         fine_tune(self.accelerator, self.unet, self.optimizer, self.lora_params, cfg, range(n), generator, loss)
         return float(sum(losses) / len(losses))

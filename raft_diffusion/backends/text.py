@@ -291,6 +291,24 @@ class TextBackend:
             logits = self.model(input_ids=ids, attention_mask=mask).logits
         return response_nll(logits, labels)
 
+    def _per_sample_loss(self, prompt_ids, response_ids) -> torch.Tensor:
+        """(B,) summed response NLL of each sample, plus `training.anchor_weight` times its summed
+        token-level KL(tuned || base) (the base: the same model with the adapter off)."""
+        ids, mask, labels = (t.to(self.device) for t in training_batch(prompt_ids, response_ids, self.pad_id))
+        with self.accelerator.autocast():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        target = labels[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+        loss = nll.sum(dim=1)
+        anchor = self.config.training.anchor_weight
+        if anchor:
+            with torch.no_grad(), self._peft().disable_adapter(), self.accelerator.autocast():
+                base = self._peft()(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            log_p = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            kl = (log_p.exp() * (log_p - F.log_softmax(base, dim=-1))).sum(-1)  # (B, T-1)
+            loss = loss + anchor * (kl * (target != IGNORE)).sum(dim=1)
+        return loss
+
     def train(self, samples: Samples, generator: torch.Generator) -> float:
         """Fine-tune the LoRA on `samples`; the mean loss per response token (NaN when there is nothing).
 
@@ -303,11 +321,19 @@ class TextBackend:
         if not keep:
             return math.nan
         totals = [0.0, 0]  # summed NLL and count of the response tokens trained on
+        weights = samples.payload.get("weight")  # per-sample, from the objective; None: all equal
+        plain = weights is None and not cfg.anchor_weight
 
         def loss(batch: list[int], group: list[list[int]]) -> torch.Tensor:
-            nll, count = self._nll([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
-            totals[0], totals[1] = totals[0] + nll.item(), totals[1] + count
-            return nll / sum(len(response_ids[i]) for b in group for i in b)
+            if plain:
+                nll, count = self._nll([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
+                totals[0], totals[1] = totals[0] + nll.item(), totals[1] + count
+                return nll / sum(len(response_ids[i]) for b in group for i in b)
+            per = self._per_sample_loss([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
+            totals[0], totals[1] = totals[0] + per.sum().item(), totals[1] + sum(len(response_ids[i]) for i in batch)
+            w = torch.ones(len(batch)) if weights is None else weights[batch]
+            tokens = sum(float(1 if weights is None else weights[i]) * len(response_ids[i]) for b in group for i in b)
+            return (w.to(per.device, per.dtype) * per).sum() / tokens
 
         fine_tune(self.accelerator, self.model, self.optimizer, self.lora_params, cfg, keep, generator, loss)
         return totals[0] / totals[1]

@@ -1,0 +1,76 @@
+"""What the backend fine-tunes on, given an iteration's scored samples: the objective seam.
+
+An objective sees every scored sample of the iteration (its reward, its group = prompt, and
+whether the selection kept it) and returns the samples to train on with a weight each, or no
+weights for a plain average. The backends turn weights into a weighted average of per-sample
+losses, so an objective is written once for images and texts alike. Adding one means adding a
+function here and its name to `OBJECTIVES`, as a reward is added in `rewards/__init__.py`.
+
+- `raft` (default): the paper's RAFT, supervised fine-tuning on the selected samples, each
+  counted once (no weights: the backends' loss is exactly the one before this seam existed).
+- `reward_weighted`: every valid sample of a group, weighted by exp(A / beta) where A is its
+  reward z-scored within the group (reward-weighted regression, Peters & Schaal 2007; the
+  group-relative advantage of GRPO); weights are normalised to mean 1 within each group, so a
+  group's total weight is its number of valid samples whatever beta is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import TrainingConfig
+
+
+@dataclass
+class Targets:
+    """Indices of the samples to train on, in sample order, and their weights (None: all equal)."""
+
+    indices: list[int]
+    weights: np.ndarray | None = None
+
+
+def raft(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int], cfg: TrainingConfig) -> Targets:
+    """The selected samples, unweighted: RAFT as the paper defines it."""
+    return Targets(indices=sorted(selected))
+
+
+def group_advantages(scores: np.ndarray, groups: Sequence[int]) -> np.ndarray:
+    """Each valid score z-scored within its group (NaN for dropped samples; 0 for a group of one
+    or of equal scores)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = np.full(len(scores), np.nan)
+    groups = np.asarray(groups)
+    for g in dict.fromkeys(groups.tolist()):
+        idx = np.flatnonzero((groups == g) & np.isfinite(scores))
+        if idx.size == 0:
+            continue
+        values = scores[idx]
+        std = values.std()
+        out[idx] = (values - values.mean()) / std if std > 0 else 0.0
+    return out
+
+
+def reward_weighted(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int],
+                    cfg: TrainingConfig) -> Targets:
+    """Every valid sample, weighted by exp(A / beta) normalised to mean 1 within its group."""
+    advantages = group_advantages(scores, groups)
+    valid = np.flatnonzero(np.isfinite(advantages))
+    weights = np.zeros(len(scores))
+    groups = np.asarray(groups)
+    for g in dict.fromkeys(groups[valid].tolist()):
+        idx = valid[groups[valid] == g]
+        logits = advantages[idx] / cfg.beta
+        w = np.exp(logits - logits.max())  # shifted: no overflow at small beta
+        weights[idx] = w * len(idx) / w.sum()
+    return Targets(indices=valid.tolist(), weights=weights[valid])
+
+
+OBJECTIVES: dict[str, Callable[..., Targets]] = {"raft": raft, "reward_weighted": reward_weighted}
+
+
+def targets(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int], cfg: TrainingConfig) -> Targets:
+    """What `cfg.objective` trains on this iteration."""
+    return OBJECTIVES[cfg.objective](scores, groups, selected, cfg)

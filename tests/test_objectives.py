@@ -1,0 +1,163 @@
+"""The objective seam (issue 11, first part): what the backend trains on, and the base-model anchor."""
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from raft_diffusion.cli import main
+from raft_diffusion.config import TrainingConfig
+from raft_diffusion.objectives import group_advantages, raft, reward_weighted
+from raft_diffusion.protocols import Samples
+
+# `raft-diffusion demo tiny --set raft.iterations=2` at commit 83d0e44, the last one before the seam,
+# on one torch thread: per iteration (reward_mean, reward_selected_mean, train_loss), and the
+# sha256 of final/pytorch_lora_weights.safetensors.
+BEFORE_SEAM_TORCH = "2.14.1"
+BEFORE_SEAM_METRICS = [[-4.1123125, -3.9905, 0.9372000843286514], [-4.08346875, -4.0035, 0.8589404560625553]]
+BEFORE_SEAM_LORA_SHA256 = "1985149c450296c78fc430210703834a1864501c1357238c286363af2abc4a41"
+
+
+def test_raft_objective_reproduces_the_demo_from_before_the_seam(tmp_path):
+    if not torch.__version__.startswith(BEFORE_SEAM_TORCH):
+        pytest.skip(f"the reference bytes were recorded with torch {BEFORE_SEAM_TORCH}, this is {torch.__version__}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "tiny", "--output-dir", str(tmp_path / "run"), "--set", "raft.iterations=2",
+                     "--set", "training.objective=raft"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [[r["reward_mean"], r["reward_selected_mean"], r["train_loss"]] for r in records] == BEFORE_SEAM_METRICS
+    lora = (tmp_path / "run/final/pytorch_lora_weights.safetensors").read_bytes()
+    assert hashlib.sha256(lora).hexdigest() == BEFORE_SEAM_LORA_SHA256
+
+
+def test_raft_trains_on_the_selection_unweighted():
+    chosen = raft(np.array([1.0, 3.0, 2.0, 0.5]), [0, 0, 1, 1], [2, 1], TrainingConfig())
+    assert chosen.indices == [1, 2] and chosen.weights is None
+
+
+def test_reward_weighted_weights_by_hand():
+    scores = np.array([1.0, 2.0, 3.0, 5.0, 5.0, math.nan])
+    groups = [0, 0, 0, 1, 1, 1]
+    chosen = reward_weighted(scores, groups, [2, 3], TrainingConfig(objective="reward_weighted", beta=0.5))
+    # Group 0: mean 2, population std sqrt(2/3): A = -/+1.2247; exp(A / 0.5) normalised to mean 1.
+    a = 1 / math.sqrt(2 / 3)
+    raw = [math.exp(-a / 0.5), 1.0, math.exp(a / 0.5)]
+    expected = [3 * w / sum(raw) for w in raw] + [1.0, 1.0]  # group 1: equal scores, equal weights
+    assert chosen.indices == [0, 1, 2, 3, 4]  # the dropped sample is never trained on
+    np.testing.assert_allclose(chosen.weights, expected, rtol=1e-12)
+    np.testing.assert_allclose(group_advantages(scores, groups)[:3], [-a, 0.0, a], rtol=1e-12)
+    # Lower beta puts more of the group's weight on its best sample.
+    sharper = reward_weighted(scores, groups, [], TrainingConfig(objective="reward_weighted", beta=0.1))
+    assert sharper.weights[2] > chosen.weights[2] and sharper.weights[:3].sum() == pytest.approx(3.0)
+
+
+def _diffusion_backend(tiny_config, **training):
+    from raft_diffusion.backends.diffusion import DiffusionBackend
+
+    torch.manual_seed(0)
+    return DiffusionBackend(tiny_config(training={"learning_rate": 1e-2, "epochs": 2, "batch_size": 2, **training}),
+                            Accelerator(cpu=True))
+
+
+def _anchor_gap(backend) -> float:
+    """The squared difference between the LoRA's and the base model's prediction on a fixed input."""
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.randn(2, 4, 8, 8, generator=g)
+    text = backend.empty_embeds.repeat(2, 1, 1)
+    t = torch.tensor([100, 500])
+    with torch.no_grad():
+        pred = backend._unet()(noisy, t, encoder_hidden_states=text).sample
+    return float(((pred - backend._base_prediction(noisy, t, text)) ** 2).mean())
+
+
+def test_diffusion_anchor_is_zero_at_start_and_positive_after_a_step(tiny_config):
+    backend = _diffusion_backend(tiny_config, anchor_weight=1.0)
+    assert _anchor_gap(backend) == 0.0
+    samples = backend.generate(["a red square", "a blue star"], [1, 2])
+    backend.train(samples, torch.Generator().manual_seed(0))
+    assert _anchor_gap(backend) > 0.0
+    # The anchor is part of the loss: with it, the same step costs more than without.
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    x0, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+    with torch.no_grad():
+        anchored = backend._loss(x0, text, g(), per_sample=True)
+        backend.config.training.anchor_weight = 0.0
+        plain = backend._loss(x0, text, g(), per_sample=True)
+    assert (anchored > plain).all()
+
+
+def test_weighted_diffusion_loss_is_the_weighted_mean_of_per_sample_losses(tiny_config):
+    backend = _diffusion_backend(tiny_config)
+    samples = backend.generate(["a red square", "a blue star", "a green heart"], [1, 2, 3])
+    x0, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+    with torch.no_grad():
+        per = backend._loss(x0, text, torch.Generator().manual_seed(3), per_sample=True)
+        whole = backend._loss(x0, text, torch.Generator().manual_seed(3))
+    assert per.shape == (3,) and float(per.mean()) == pytest.approx(float(whole), rel=1e-5)
+    # Weights are relative: the same weight on every sample is the unweighted step; a zero weight is not.
+    def trained(weights):
+        payload = dict(samples.payload)
+        if weights is not None:
+            payload["weight"] = torch.tensor(weights, dtype=torch.float64)
+        backend = _diffusion_backend(tiny_config, batch_size=3, epochs=1)
+        backend.train(Samples(samples.prompts, samples.seeds, samples.outputs, payload), torch.Generator().manual_seed(0))
+        return backend.adapter_state()
+
+    plain, uniform, skewed = trained(None), trained([3.0, 3.0, 3.0]), trained([1.0, 0.0, 1.0])
+    for k in plain:
+        torch.testing.assert_close(uniform[k], plain[k], rtol=1e-4, atol=1e-6)
+    assert max(float((skewed[k] - plain[k]).abs().max()) for k in plain) > 1e-4
+
+
+def test_text_anchor_is_zero_at_start_and_positive_after_a_step(text_config):
+    from raft_diffusion.backends.text import TextBackend
+
+    torch.manual_seed(0)
+    backend = TextBackend(text_config(training={"learning_rate": 5e-2, "epochs": 2, "batch_size": 2,
+                                                "anchor_weight": 1.0}), Accelerator(cpu=True))
+    samples = backend.generate(["The movie was", "I think that"], [1, 2])
+    p, r = samples.payload["prompt_ids"], samples.payload["response_ids"]
+
+    def kl() -> float:
+        with torch.no_grad():
+            with_anchor = backend._per_sample_loss(p, r)
+            backend.config.training.anchor_weight = 0.0
+            without = backend._per_sample_loss(p, r)
+            backend.config.training.anchor_weight = 1.0
+        return float((with_anchor - without).sum())
+
+    assert kl() == pytest.approx(0.0, abs=1e-6)
+    backend.train(samples, torch.Generator().manual_seed(0))
+    assert kl() > 1e-4
+
+
+@pytest.mark.parametrize("backend_name", ["diffusion", "text"])
+def test_reward_weighted_runs_end_to_end_with_the_anchor(tiny_config, text_config, backend_name):
+    from raft_diffusion.train import run_training
+
+    config = (tiny_config if backend_name == "diffusion" else text_config)(
+        training={"objective": "reward_weighted", "beta": 0.5, "anchor_weight": 0.1, "batch_size": 2},
+        raft={"iterations": 1, "prompts_per_iteration": 2, "seed": 0})
+    records = run_training(config, log=lambda s: None)
+    assert math.isfinite(records[0]["train_loss"])
+
+
+@pytest.mark.parametrize("setting,field", [("training.objective=dpo", "training.objective"),
+                                           ("training.beta=0", "training.beta"),
+                                           ("training.anchor_weight=-1", "training.anchor_weight")])
+def test_bad_objective_settings_exit_2(tmp_path, capfd, setting, field):
+    from .conftest import TINY_CONFIG, write_yaml
+
+    config = write_yaml(tmp_path / "config.yaml", TINY_CONFIG)
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run"), "--set", setting]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0]
+    assert not (tmp_path / "run").exists()
