@@ -96,7 +96,7 @@ def set_rng_state(jsonable: dict[str, Any], tensors: dict[str, torch.Tensor], ge
 
 
 def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
-                    generator: torch.Generator, keep_last: int) -> Path:
+                    generator: torch.Generator, keep_last: int, ema=None) -> Path:
     """Write `root/iter_NNNN` for a completed `iteration`, point `root/latest` at it, prune."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:04d}"
@@ -107,6 +107,8 @@ def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
         jsonable, tensors = rng_state(generator)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration, "rng": jsonable}))
+        if ema is not None:
+            save_file(ema.state(), str(tmp / "ema.safetensors"))
 
     write_dir_atomically(root / name, write)
     write_text_atomically(root / "latest", name + "\n")
@@ -160,6 +162,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         "training_state.pt": lambda f: torch.load(f, weights_only=True, map_location="cpu"),
         "rng.safetensors": lambda f: load_file(str(f)),
     }
+    if (path / "ema.safetensors").is_file():
+        readers["ema.safetensors"] = lambda f: load_file(str(f))
     for name, read in readers.items():
         file = path / name
         if not file.is_file():
@@ -177,10 +181,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return parts
 
 
-def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict[str, Any] | None = None
-                    ) -> dict[str, Any]:
-    """Restore adapter, optimizer and RNG states; returns the saved loop state."""
+def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict[str, Any] | None = None,
+                    ema=None) -> dict[str, Any]:
+    """Restore adapter, optimizer, EMA and RNG states; returns the saved loop state."""
     parts = parts if parts is not None else read_checkpoint(path)
+    if ema is not None:
+        if "ema.safetensors" not in parts:
+            raise CorruptCheckpoint(path / "ema.safetensors", "missing (training.ema_decay is set)")
+        try:
+            ema.load_state(parts["ema.safetensors"])
+        except (ValueError, RuntimeError) as e:
+            raise CorruptCheckpoint(path / "ema.safetensors", f"does not fit this LoRA ({e})") from e
     try:
         backend.load_adapter_state(parts["adapter.safetensors"])
         backend.load_training_state(parts["training_state.pt"])
@@ -191,7 +202,7 @@ def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict
     return state
 
 
-def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str], None]
+def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str], None], ema=None
            ) -> tuple[Path | None, dict[str, Any] | None]:
     """Load the newest intact checkpoint under `root`; (None, None) when there is none at all.
 
@@ -207,7 +218,7 @@ def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str]
     first_problem = None
     for path in found:
         try:
-            state = load_checkpoint(path, backend, generator, read_checkpoint(path))
+            state = load_checkpoint(path, backend, generator, read_checkpoint(path), ema)
         except CorruptCheckpoint as e:  # the next candidate overwrites whatever this one applied
             first_problem = first_problem or e
             continue

@@ -135,6 +135,10 @@ class TrainingConfig(_Strict):
         0.0, ge=0, description="weight of a pull towards the base model (adapter off): diffusion, the squared "
         "difference of the predictions; text, the token-level KL; 0 disables it"
     )
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="sample, evaluate and save an exponential moving average of the LoRA, "
+        "updated after each iteration's fine-tuning with this decay (e.g. 0.5); 0 disables it"
+    )
     max_drop_fraction: float = Field(
         0.5, ge=0, le=1, description="stop the run when the rewards fail on (drop) more than this share of an "
         "iteration's samples; a reward that fails on every sample always stops it"

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from accelerate import Accelerator
 
 from .checkpoint import resume as load_latest, save_checkpoint, write_dir_atomically
 from .config import RunConfig
+from .ema import LoraEMA
 from .errors import RunFailed
 from .objectives import Targets, targets
 from .protocols import Backend, Samples
@@ -44,16 +46,18 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
     generator = torch.Generator().manual_seed(seed)  # training noise, timesteps and batch order
     state, start = {"data_position": 0}, 0
     main = accelerator.is_main_process
+    ema = LoraEMA(backend.lora_params, config.training.ema_decay) if config.training.ema_decay else None
     if resume:
-        checkpoint, loaded = load_latest(run.checkpoints, backend, generator, warn=log if main else _silent)
+        checkpoint, loaded = load_latest(run.checkpoints, backend, generator, warn=log if main else _silent, ema=ema)
         if loaded is not None:
             state, start = loaded, loaded.pop("iteration") + 1
             if main:
                 log(f"resumed from {checkpoint} at iteration {start}")
     if main:
         run.keep_metrics_before(start, warn=log)
-    eval_before = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts, "base") \
-        if start == 0 and config.eval.every else None
+    with sampler(ema):
+        eval_before = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts, "base") \
+            if start == 0 and config.eval.every else None
 
     for it in range(start, config.raft.iterations):
         seconds: dict[str, float] = {}
@@ -62,7 +66,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         prompts, state["data_position"] = draw_prompts(train_prompts, state["data_position"], b, seed)
         groups = [g for g in range(len(prompts)) for _ in range(K)]
 
-        with timed(seconds, "generate"), stopped_at(it):  # 1. Sample
+        with timed(seconds, "generate"), stopped_at(it), sampler(ema):  # 1. Sample
             samples = check_finite(generate(backend, accelerator, [prompts[g] for g in groups],
                                             [sample_seed(seed, 1, it, j) for j in range(len(groups))]), it > 0)
         with timed(seconds, "score"), stopped_at(it):  # 2. Score
@@ -74,7 +78,9 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
             train_on = training_samples(samples, targets(scored.total, groups, chosen, config.training))
             loss = backend.train(shard(train_on, accelerator), generator)
             loss = mean_over_processes(loss, accelerator)
-        with timed(seconds, "eval"), stopped_at(it):  # 5. Evaluate
+            if ema is not None:
+                ema.update()
+        with timed(seconds, "eval"), stopped_at(it), sampler(ema):  # 5. Evaluate
             due = config.eval.every and ((it + 1) % config.eval.every == 0 or it + 1 == config.raft.iterations)
             evaluation = evaluate(config, backend, reward, judges, run, accelerator, eval_prompts,
                                   f"iter_{it:04d}") if due else {}
@@ -85,13 +91,14 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         if accelerator.is_main_process:
             run.write_samples(f"iter_{it:04d}", backend, samples, sample_rows(samples, scored, chosen))
             run.append_metrics(record)
-            save_checkpoint(run.checkpoints, it, backend, state, generator, config.checkpoint.keep_last)
+            save_checkpoint(run.checkpoints, it, backend, state, generator, config.checkpoint.keep_last, ema)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             log(summary(record, config.raft.iterations))
 
     if accelerator.is_main_process:
-        write_dir_atomically(run.final, backend.save_adapter)
+        with sampler(ema):  # with EMA on, the average is what was sampled and evaluated: it is the result
+            write_dir_atomically(run.final, backend.save_adapter)
     return run.read_metrics()
 
 
@@ -158,6 +165,11 @@ class stopped_at:
 
 def _silent(message: str) -> None:
     pass
+
+
+def sampler(ema: LoraEMA | None):
+    """The LoRA that generates: its EMA when `training.ema_decay` is set, else the trained weights."""
+    return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
 def training_samples(samples: Samples, chosen: Targets) -> Samples:

@@ -60,6 +60,8 @@ class Samples:
 class Backend(Protocol):
     """A generative model with a trainable adapter."""
 
+    lora_params: list[torch.Tensor]  # the adapter's trainable tensors (what an EMA averages)
+
     def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate") -> Samples:
         """One sample per (prompt, seed); the same seed gives the same sample."""
 

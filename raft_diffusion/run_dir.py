@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .checkpoint import write_text_atomically
 from .config import read_saved_config
 from .errors import UserError
@@ -227,8 +229,10 @@ class RunDirectory:
         if mode != "resume" or not (self.path / "run.json").exists():
             from . import __version__
 
+            ema = (yaml.safe_load(config_yaml).get("training") or {}).get("ema_decay")
+            final = f"the EMA of the LoRA (decay {ema})" if ema else "the LoRA as last trained"
             write_text_atomically(self.path / "run.json", json.dumps(
-                {"command": command, "raft_diffusion": __version__,
+                {"command": command, "raft_diffusion": __version__, "final": final,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
 
     def close(self) -> None:

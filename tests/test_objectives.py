@@ -161,3 +161,50 @@ def test_bad_objective_settings_exit_2(tmp_path, capfd, setting, field):
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and field in err[0]
     assert not (tmp_path / "run").exists()
+
+
+# --- EMA sampling ------------------------------------------------------------------------------
+
+
+def test_ema_update_and_swap_by_hand():
+    from raft_diffusion.ema import LoraEMA
+
+    p = torch.nn.Parameter(torch.tensor([0.0, 2.0]))
+    ema = LoraEMA([p], decay=0.75)
+    with torch.no_grad():
+        p.copy_(torch.tensor([4.0, 6.0]))
+    ema.update()  # 0.75 * [0, 2] + 0.25 * [4, 6]
+    assert ema.average[0].tolist() == [1.0, 3.0]
+    with ema.applied():
+        assert p.tolist() == [1.0, 3.0]
+    assert p.tolist() == [4.0, 6.0]
+    restored = LoraEMA([p], decay=0.75)
+    restored.load_state(ema.state())
+    assert restored.average[0].tolist() == [1.0, 3.0]
+
+
+def test_ema_run_resumes_exactly_and_saves_the_average(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+    from raft_diffusion.train import run_training
+
+    def config(name, iterations):
+        return tiny_config(output_dir=str(tmp_path / name), training={"ema_decay": 0.5, "learning_rate": 1e-2},
+                           raft={"iterations": iterations, "prompts_per_iteration": 2, "seed": 0})
+
+    straight = run_training(config("straight", 2), log=lambda s: None)
+    run_training(config("resumed", 1), log=lambda s: None)
+    resumed = run_training(config("resumed", 2), resume=True, log=lambda s: None)
+    drop = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert drop(resumed) == drop(straight)
+    final = tmp_path / "straight/final/pytorch_lora_weights.safetensors"
+    assert final.read_bytes() == (tmp_path / "resumed/final/pytorch_lora_weights.safetensors").read_bytes()
+    assert "EMA" in json.loads((tmp_path / "straight/run.json").read_text())["final"]
+    # The saved adapter is the average, not the last trained weights, and loads whole in diffusers.
+    raw = load_file(str(tmp_path / "straight/checkpoints/iter_0001/adapter.safetensors"))
+    saved = load_file(str(final))
+    assert len(saved) == len(raw) and not all(
+        torch.equal(saved[k], raw[k.removeprefix("unet.")]) for k in saved if k.removeprefix("unet.") in raw)
+    assert (tmp_path / "straight/checkpoints/iter_0001/ema.safetensors").is_file()
+    load_lora(load_pipeline("builtin:tiny-sd"), tmp_path / "straight/final")
