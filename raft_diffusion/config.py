@@ -125,10 +125,15 @@ class TrainingConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="accelerate mixed precision for training"
     )
-    objective: Literal["raft", "reward_weighted"] = Field(
+    objective: Literal["raft", "reward_weighted", "negative_aware"] = Field(
         "raft", description="what is fine-tuned on: raft = the selected samples, equally; reward_weighted = "
-        "every sample, weighted by exp(A / beta) with A its reward z-scored within its prompt"
+        "every sample, weighted by exp(A / beta) with A its reward z-scored within its prompt; negative_aware "
+        "(diffusion, needs ema_decay) = DiffusionNFT's positive and negative implicit policies"
     )
+    nft_beta: float = Field(1.0, gt=0, description="negative_aware: how far the implicit policies reach past "
+                            "the old (EMA) policy")
+    nft_advantage_clip: float = Field(2.0, gt=0, description="negative_aware: |A| at which a sample counts as "
+                                      "surely good (r = 1) or surely bad (r = 0)")
     beta: float = Field(1.0, gt=0, description="reward_weighted: temperature on the group-normalised reward "
                         "(smaller keeps closer to the best samples)")
     anchor_weight: float = Field(
@@ -188,6 +193,17 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
     output_dir: str = Field("runs/raft", min_length=1, description="run directory")
+
+    @model_validator(mode="after")
+    def _negative_aware_needs_an_old_policy(self) -> "RunConfig":
+        if self.training.objective == "negative_aware":
+            if self.backend != "diffusion":
+                raise UserError("config training.objective", "negative_aware is built for diffusion only",
+                                "use raft or reward_weighted for text")
+            if not self.training.ema_decay:
+                raise UserError("config training.ema_decay", "negative_aware needs the EMA of the LoRA as its old "
+                                "policy", "set training.ema_decay, e.g. 0.9")
+        return self
 
     @model_validator(mode="after")
     def _no_fields_of_the_other_backend(self) -> "RunConfig":

@@ -47,6 +47,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
     state, start = {"data_position": 0}, 0
     main = accelerator.is_main_process
     ema = LoraEMA(backend.lora_params, config.training.ema_decay) if config.training.ema_decay else None
+    backend.old_policy = ema  # what negative_aware contrasts with (config refuses it without an EMA)
     if resume:
         checkpoint, loaded = load_latest(run.checkpoints, backend, generator, warn=log if main else _silent, ema=ema)
         if loaded is not None:
@@ -177,6 +178,8 @@ def training_samples(samples: Samples, chosen: Targets) -> Samples:
     subset = samples.select(chosen.indices)
     if chosen.weights is not None:
         subset.payload["weight"] = torch.as_tensor(chosen.weights, dtype=torch.float64)
+    if chosen.optimality is not None:
+        subset.payload["optimality"] = torch.as_tensor(chosen.optimality, dtype=torch.float64)
     return subset
 
 

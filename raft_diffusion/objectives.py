@@ -12,6 +12,13 @@ function here and its name to `OBJECTIVES`, as a reward is added in `rewards/__i
   reward z-scored within the group (reward-weighted regression, Peters & Schaal 2007; the
   group-relative advantage of GRPO); weights are normalised to mean 1 within each group, so a
   group's total weight is its number of valid samples whatever beta is.
+- `negative_aware` (diffusion): DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117). Every valid
+  sample gets an optimality probability r = 1/2 + 1/2 clip(A / nft_advantage_clip, -1, 1); the
+  backend trains the implicit positive policy v+ = (1 - nft_beta) v_old + nft_beta v_theta
+  towards the sample where r is high and the implicit negative policy
+  v- = (1 + nft_beta) v_old - nft_beta v_theta where it is low (the paper's eq. 5-6 on the
+  scheduler's own target, epsilon or v, in place of flow matching's velocity), with the EMA
+  of the LoRA (`training.ema_decay`) as the old policy v_old.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class Targets:
 
     indices: list[int]
     weights: np.ndarray | None = None
+    optimality: np.ndarray | None = None  # negative_aware: r in [0, 1] per sample
 
 
 def raft(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int], cfg: TrainingConfig) -> Targets:
@@ -68,7 +76,17 @@ def reward_weighted(scores: np.ndarray, groups: Sequence[int], selected: Sequenc
     return Targets(indices=valid.tolist(), weights=weights[valid])
 
 
-OBJECTIVES: dict[str, Callable[..., Targets]] = {"raft": raft, "reward_weighted": reward_weighted}
+def negative_aware(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int],
+                   cfg: TrainingConfig) -> Targets:
+    """Every valid sample with its optimality probability r = 1/2 + 1/2 clip(A / c, -1, 1)."""
+    advantages = group_advantages(scores, groups)
+    valid = np.flatnonzero(np.isfinite(advantages))
+    r = 0.5 + 0.5 * np.clip(advantages[valid] / cfg.nft_advantage_clip, -1.0, 1.0)
+    return Targets(indices=valid.tolist(), optimality=r)
+
+
+OBJECTIVES: dict[str, Callable[..., Targets]] = {"raft": raft, "reward_weighted": reward_weighted,
+                                                 "negative_aware": negative_aware}
 
 
 def targets(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int], cfg: TrainingConfig) -> Targets:

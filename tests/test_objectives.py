@@ -208,3 +208,78 @@ def test_ema_run_resumes_exactly_and_saves_the_average(tiny_config, tmp_path):
         torch.equal(saved[k], raw[k.removeprefix("unet.")]) for k in saved if k.removeprefix("unet.") in raw)
     assert (tmp_path / "straight/checkpoints/iter_0001/ema.safetensors").is_file()
     load_lora(load_pipeline("builtin:tiny-sd"), tmp_path / "straight/final")
+
+
+# --- negative_aware (DiffusionNFT) -----------------------------------------------------------------
+
+
+def test_negative_aware_optimality_by_hand():
+    from raft_diffusion.objectives import negative_aware
+
+    scores = np.array([1.0, 2.0, 3.0, math.nan])
+    chosen = negative_aware(scores, [0, 0, 0, 0], [], TrainingConfig(objective="negative_aware", ema_decay=0.5,
+                                                                      nft_advantage_clip=1.0))
+    a = 1 / math.sqrt(2 / 3)  # |A| of the outer two, clipped at 1
+    assert chosen.indices == [0, 1, 2]
+    np.testing.assert_allclose(chosen.optimality, [0.5 - 0.5 * min(a, 1), 0.5, 0.5 + 0.5 * min(a, 1)])
+
+
+def test_negative_aware_with_r_1_is_a_positive_loss_on_the_mixed_policy(tiny_config):
+    backend = _diffusion_backend(tiny_config, objective="negative_aware", ema_decay=0.5, nft_beta=0.3)
+    from raft_diffusion.ema import LoraEMA
+
+    ema = LoraEMA(backend.lora_params, 0.5)
+    backend.old_policy = ema
+    samples = backend.generate(["a red square", "a blue star"], [1, 2])
+    backend.train(samples, torch.Generator().manual_seed(0))  # the LoRA moves away from its EMA (the start)
+    pred, old, target = torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(2)
+    expected = (((0.7 * old + 0.3 * pred) - target) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(backend._negative_aware(pred, old, target, ones), expected)
+    # r = 0 pushes the other way: the negative policy is fitted instead.
+    negative = (((1.3 * old - 0.3 * pred) - target) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(backend._negative_aware(pred, old, target, 0 * ones), negative)
+    # In the backend, the old policy is the EMA: its prediction differs from the trained LoRA's.
+    x0, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+    t = torch.tensor([300, 600])
+    noisy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert not torch.allclose(backend._old_prediction(noisy, t, text),
+                                  backend._unet()(noisy, t, encoder_hidden_states=text).sample)
+
+
+def test_negative_aware_run_trains_and_resumes_exactly(tiny_config, tmp_path):
+    from raft_diffusion.train import run_training
+
+    def config(name, iterations):
+        return tiny_config(output_dir=str(tmp_path / name),
+                           training={"objective": "negative_aware", "ema_decay": 0.5, "learning_rate": 1e-2},
+                           raft={"iterations": iterations, "prompts_per_iteration": 2, "seed": 0})
+
+    straight = run_training(config("straight", 2), log=lambda s: None)
+    run_training(config("resumed", 1), log=lambda s: None)
+    resumed = run_training(config("resumed", 2), resume=True, log=lambda s: None)
+    drop = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert drop(resumed) == drop(straight) and math.isfinite(straight[-1]["train_loss"])
+    assert (tmp_path / "straight/final/pytorch_lora_weights.safetensors").read_bytes() == \
+        (tmp_path / "resumed/final/pytorch_lora_weights.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"training": {"objective": "negative_aware"}}, "training.ema_decay"),
+    ({"training": {"objective": "negative_aware", "ema_decay": 1.0}}, "training.ema_decay"),
+])
+def test_negative_aware_needs_an_ema(tmp_path, capfd, overrides, field):
+    from .conftest import TINY_CONFIG, deep_update, write_yaml
+
+    config = write_yaml(tmp_path / "config.yaml", deep_update(TINY_CONFIG, overrides))
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0]
+
+
+def test_negative_aware_is_refused_for_text(text_config):
+    from raft_diffusion.errors import UserError
+
+    with pytest.raises(UserError, match="training.objective"):
+        text_config(training={"objective": "negative_aware", "ema_decay": 0.5})

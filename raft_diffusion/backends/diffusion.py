@@ -312,7 +312,7 @@ class DiffusionBackend:
     # -- fine-tuning ------------------------------------------------------------------------
 
     def _loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
-              per_sample: bool = False) -> torch.Tensor:
+              per_sample: bool = False, optimality: torch.Tensor | None = None) -> torch.Tensor:
         """The scheduler's own target (epsilon or v) MSE at uniformly random timesteps, plus
         `training.anchor_weight` times the MSE to the base model's prediction (adapter off) on the
         same noisy input. A scalar, or one value per sample (N,) with `per_sample`."""
@@ -324,14 +324,38 @@ class DiffusionBackend:
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
         dtype = self.pipe.unet.dtype
         text = text.to(self.device, dtype)
+        # The old policy first: it swaps the EMA into the LoRA's tensors, which must not happen
+        # while autograd holds them for this step's backward.
+        old = self._old_prediction(noisy.to(dtype), t, text) if optimality is not None else None
         with self.accelerator.autocast():
             pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text).sample
         reduce = (lambda x: x.mean(dim=tuple(range(1, x.ndim)))) if per_sample else (lambda x: x.mean())
-        loss = reduce((pred.float() - target.float()) ** 2) if per_sample else F.mse_loss(pred.float(), target.float())
+        if optimality is not None:
+            loss = self._negative_aware(pred.float(), old, target.float(), optimality.to(pred.device, torch.float32))
+        elif per_sample:
+            loss = reduce((pred.float() - target.float()) ** 2)
+        else:
+            loss = F.mse_loss(pred.float(), target.float())
         anchor = self.config.training.anchor_weight
         if anchor:
             loss = loss + anchor * reduce((pred.float() - self._base_prediction(noisy.to(dtype), t, text)) ** 2)
         return loss
+
+    def _negative_aware(self, pred: torch.Tensor, old: torch.Tensor, target: torch.Tensor,
+                        r: torch.Tensor) -> torch.Tensor:
+        """(N,) DiffusionNFT's loss (arXiv 2509.16117, eq. 5-6): r ||v+ - target||^2 + (1 - r) ||v- - target||^2
+        with v+ = (1 - b) v_old + b v and v- = (1 + b) v_old - b v, b = training.nft_beta."""
+        b = self.config.training.nft_beta
+        positive = (1 - b) * old + b * pred
+        negative = (1 + b) * old - b * pred
+        per = lambda x: x.mean(dim=tuple(range(1, x.ndim)))  # noqa: E731
+        return r * per((positive - target) ** 2) + (1 - r) * per((negative - target) ** 2)
+
+    @torch.no_grad()
+    def _old_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The old policy's prediction: the same UNet with the EMA of the LoRA swapped in."""
+        with self.old_policy.applied(), self.accelerator.autocast():
+            return self._unet()(noisy, t, encoder_hidden_states=text).sample.float()
 
     @torch.no_grad()
     def _base_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -360,9 +384,15 @@ class DiffusionBackend:
             return math.nan
         latents, text = samples.payload["latents"], samples.payload["prompt_embeds"]
         weights = samples.payload.get("weight")  # per-sample, from the objective; None: all equal
+        optimality = samples.payload.get("optimality")  # negative_aware's r per sample
         losses = []
 
         def loss(batch: list[int], group: list[list[int]]) -> torch.Tensor:
+            if optimality is not None:
+                per = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator,
+                                 per_sample=True, optimality=optimality[batch])
+                losses.append(per.mean().item())
+                return per.sum() / sum(len(b) for b in group)
             if weights is None:
                 value = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
                 losses.append(value.item())
