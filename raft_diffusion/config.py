@@ -160,6 +160,8 @@ class RaftConfig(_Strict):
 class EvalConfig(_Strict):
     every: int = Field(1, ge=0, description="evaluate every N iterations; 0 disables evaluation")
     samples_per_prompt: int = Field(4, gt=0, description="samples per eval prompt (fixed seeds)")
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1, description="seed of the eval samples (default: "
+                                "raft.seed); a dev split takes other seeds than the held-out eval")
     judges: list[RewardSpec] = Field(
         default_factory=list, description="held-out rewards: scored on eval samples, never optimized"
     )

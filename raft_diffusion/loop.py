@@ -173,6 +173,10 @@ def sampler(ema: LoraEMA | None):
     return ema.applied() if ema is not None else contextlib.nullcontext()
 
 
+def eval_seed(config: RunConfig) -> int:
+    return config.raft.seed if config.eval.seed is None else config.eval.seed
+
+
 def training_samples(samples: Samples, chosen: Targets) -> Samples:
     """The samples an objective trains on, with its per-sample weights (if any) in the payload."""
     subset = samples.select(chosen.indices)
@@ -222,7 +226,7 @@ def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: Rew
     n = config.eval.samples_per_prompt
     groups = [g for g in range(len(prompts)) for _ in range(n)]
     samples = check_finite(generate(backend, accelerator, [prompts[g] for g in groups],
-                                    [sample_seed(config.raft.seed, 2, j) for j in range(len(groups))], desc="eval"),
+                                    [sample_seed(eval_seed(config), 2, j) for j in range(len(groups))], desc="eval"),
                            trained=name != "base" and not name.startswith("reference"))
     scored = reward(samples.outputs, samples.prompts, groups)
     judged = judges(samples.outputs, samples.prompts, groups) if judges.specs else None
