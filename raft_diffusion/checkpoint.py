@@ -120,17 +120,9 @@ def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
     return root / name
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `root/latest` names, if that pointer and its state.json exist."""
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
-
-
-def candidates(root: Path) -> list[Path]:
-    """Checkpoints to resume from, best first: the one `latest` names, then the others newest first."""
+def candidates(root: Path) -> tuple[Path | None, list[Path]]:
+    """(what `latest` names, if readable; the checkpoints to resume from, best first: the one
+    `latest` names, then the others newest first)."""
     found = sorted((p for p in root.glob("iter_*") if p.is_dir()), reverse=True)
     named = None
     pointer = root / "latest"
@@ -142,7 +134,7 @@ def candidates(root: Path) -> list[Path]:
     if named is not None and named in found:
         found.remove(named)
         found.insert(0, named)
-    return found
+    return named, found
 
 
 class CorruptCheckpoint(Exception):
@@ -211,10 +203,9 @@ def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str]
     """
     from .errors import UserError
 
-    found = candidates(root)
+    named, found = candidates(root)
     if not found:
         return None, None
-    named = latest_checkpoint(root)
     first_problem = None
     for path in found:
         try:

@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .checkpoint import write_text_atomically
 from .config import read_saved_config
 from .errors import UserError
@@ -213,8 +211,10 @@ class RunDirectory:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def open(self, mode: str, config_yaml: str, command: str = "train") -> None:
-        """Start writing: clear an overwritten run's files or a killed run's leftovers; write the config."""
+    def open(self, mode: str, config_yaml: str, command: str = "train", final: str = "the LoRA as last trained"
+             ) -> None:
+        """Start writing: clear an overwritten run's files or a killed run's leftovers; write the config.
+        `command` and `final` (which adapter final/ will hold) go into run.json."""
         self._created = []
         for entry in self.path.iterdir():
             if entry.name == ".lock":
@@ -229,19 +229,12 @@ class RunDirectory:
         if mode != "resume" or not (self.path / "run.json").exists():
             from . import __version__
 
-            ema = (yaml.safe_load(config_yaml).get("training") or {}).get("ema_decay")
-            final = f"the EMA of the LoRA (decay {ema})" if ema else "the LoRA as last trained"
             write_text_atomically(self.path / "run.json", json.dumps(
                 {"command": command, "raft_diffusion": __version__, "final": final,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
 
     def close(self) -> None:
         self.release()
-
-    def latest_checkpoint(self) -> Path | None:
-        from .checkpoint import latest_checkpoint
-
-        return latest_checkpoint(self.checkpoints)
 
     def read_metrics(self, warn=None) -> list[dict[str, Any]]:
         """The iteration records; a garbled line (a kill mid-write, a broken disk) is skipped, not

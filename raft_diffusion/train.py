@@ -63,7 +63,9 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
 
     try:
         if main:
-            run.open(mode, config_yaml, command)
+            ema = config.training.ema_decay
+            run.open(mode, config_yaml, command,
+                     f"the EMA of the LoRA (decay {ema})" if ema else "the LoRA as last trained")
         accelerator.wait_for_everyone()
         metrics = raft(config, backend, reward, judges, run, accelerator, train_prompts, eval_prompts, log,
                        resume=mode == "resume" and resume)
