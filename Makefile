@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-deps install clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/iteration.py
 	$(BIN)/python bench/rewards.py
+
+# bench/ddpo.py's peer row: TRL 0.23.1 (the last TRL with DDPO) without its dependencies, plus pandas.
+bench-deps: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps -r bench/requirements-ddpo.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
