@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=60.0, help="seconds past --deadline before runs stop")
     parser.add_argument("--out", type=Path, default=None, help="result file (default bench/results/...)")
     parser.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--collect", action="store_true", help="run nothing: read the runs under --root")
     parser.add_argument("--pick", type=Path, default=None, metavar="DEV_JSON",
                         help="print the best variant of each objective in a dev result, and exit")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -223,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     jobs = [(v, a, s) for s in args.seeds for v in args.variants for a in args.anchors]
     walls: dict[tuple, float] = {}
-    if args.jobs > 1:
+    if args.collect:
+        args.jobs = max(args.jobs, 2)  # read, never run
+    elif args.jobs > 1:
         walls = run_pool(jobs, args)
     else:
         import torch
@@ -264,6 +267,10 @@ def print_table(results: list[dict]) -> None:
         for variant in dict.fromkeys(r["variant"] for r in results):
             for anchor in dict.fromkeys(r["anchor"] for r in results):
                 runs = [r for r in results if r["variant"] == variant and r["anchor"] == anchor]
+                missing = sum(not r.get("complete", True) for r in runs)
+                runs = [r for r in runs if r.get("complete", True)]  # a cut-short run is no result
+                if not runs and missing:
+                    print(f"  {variant:34} anchor {anchor:<4g} n=0 ({missing} not finished)")
                 if not runs:
                     continue
                 its = sorted({int(i) for r in runs for i in r["curves"].get(judge, {})})
@@ -276,7 +283,7 @@ def print_table(results: list[dict]) -> None:
                         cells.append(f"{i}:{statistics.mean(values):.3f}" + (
                             f"({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""))
                 minutes = statistics.mean(r["seconds"] for r in runs) / 60
-                flag = "" if all(r.get("complete", True) for r in runs) else " [INCOMPLETE]"
+                flag = f" [{missing} more not finished]" if missing else ""
                 print(f"  {variant:34} anchor {anchor:<4g} n={len(runs)} {' '.join(cells)}  "
                       f"[{minutes:.1f} min/run]{flag}")
 
