@@ -29,6 +29,7 @@ bench: $(STAMP)
 # bench/ddpo.py's peer row: TRL 0.23.1 (the last TRL with DDPO) without its dependencies, plus pandas.
 bench-deps: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps -r bench/requirements-ddpo.txt
+	$(BIN)/python -m pip install --quiet -r bench/requirements-plot.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
