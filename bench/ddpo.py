@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAFT_DIFFUSION_CPU"] = "1"  # the project's eval side stays on the CPU too
     if args.threads:
         torch.set_num_threads(args.threads)
-    from objectives import curves, print_table
+    from objectives import print_table, summarise
     from raft_diffusion.errors import RunFailed, UserError
 
     name = run_name(args.sample_multiplier)
@@ -432,10 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         except (UserError, RunFailed) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2 if isinstance(e, UserError) else 1
-        seconds = sum(sum(r["seconds"].values()) for r in records)
-        results.append({"variant": name, "anchor": 0.0, "seed": seed, "curves": curves(records),
-                        "seconds": seconds, "n_generated": sum(r["n_generated"] for r in records),
-                        "device": args.device})
+        results.append({**summarise(name, 0.0, seed, records, complete=True), "device": args.device})
     out = REPO / "bench/results" / f"ddpo-{args.task}-{args.split}{name[4:]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"task": args.task, "split": args.split, "iterations": args.iterations,

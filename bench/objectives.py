@@ -142,8 +142,9 @@ def run_pool(jobs: list[tuple[str, float, int]], args) -> dict[tuple, float]:
             for o in args.overrides:
                 cmd += ["--set", o]
             name = f"{args.task}-{args.split}-{parse_variant(variant)[0]}-anchor{anchor:g}-seed{seed}.log"
-            proc = subprocess.Popen(cmd, stdout=open(logs / name, "w"), stderr=subprocess.STDOUT, env=env)
-            running[proc] = ((variant, anchor, seed), time.monotonic())
+            log = open(logs / name, "w")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[proc] = ((variant, anchor, seed), time.monotonic(), log)
             print(f"[{elapsed:6.0f}s] start {name[:-4]}", flush=True)
         if args.deadline is not None and elapsed > args.deadline:
             pending.clear()
@@ -152,7 +153,8 @@ def run_pool(jobs: list[tuple[str, float, int]], args) -> dict[tuple, float]:
                 proc.terminate()
         time.sleep(1.0)
         for proc in [p for p in running if p.poll() is not None]:
-            job, t0 = running.pop(proc)
+            job, t0, log = running.pop(proc)
+            log.close()
             walls[job] = time.monotonic() - t0
             print(f"[{time.monotonic() - start:6.0f}s] done  {job} rc={proc.returncode} "
                   f"wall {walls[job]:.0f}s", flush=True)
