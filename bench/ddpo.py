@@ -244,7 +244,8 @@ def run_seed(args, seed: int, trl_parts, log=print) -> list[dict]:
     import yaml
 
     from objectives import run_config
-    from raft_diffusion.checkpoint import resume, save_checkpoint, write_dir_atomically, write_text_atomically
+    from raft_diffusion.checkpoint import (resume, rng_state, save_checkpoint, write_dir_atomically,
+                                           write_text_atomically)
     from raft_diffusion.config import config_to_yaml
     from raft_diffusion.errors import UserError
     from raft_diffusion.loop import evaluate, iteration_record
@@ -366,7 +367,7 @@ def run_seed(args, seed: int, trl_parts, log=print) -> list[dict]:
             tracker = {p: [float(x) for x in v] for p, v in trainer.stat_tracker.stats.items()}
             save_checkpoint(run.checkpoints, it, state_io,
                             {"data_position": stream.position, "global_step": global_step, "tracker": tracker},
-                            rng_holder, cfg.checkpoint.keep_last)
+                            [rng_state(rng_holder)], cfg.checkpoint.keep_last)
             log(f"  epoch {it + 1}/{epochs}  reward {record['reward_mean']:.4f}  loss {ppo['loss']:.4g}  "
                 f"approx_kl {ppo['approx_kl']:.3g}  clipfrac {ppo['clipfrac']:.3f}"
                 + (f"  eval[{fmt(evaluation)}]" if evaluation else "")

@@ -96,17 +96,23 @@ def set_rng_state(jsonable: dict[str, Any], tensors: dict[str, torch.Tensor], ge
 
 
 def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
-                    generator: torch.Generator, keep_last: int, ema=None) -> Path:
-    """Write `root/iter_NNNN` for a completed `iteration`, point `root/latest` at it, prune."""
+                    rng: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], keep_last: int, ema=None) -> Path:
+    """Write `root/iter_NNNN` for a completed `iteration`, point `root/latest` at it, prune.
+
+    `rng` holds every process's `rng_state`, in rank order: process 0's under the plain names
+    (state.json "rng", rng.safetensors "torch", ...), process r's under "rng_ranks"[r] and "rankR/..."."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:04d}"
 
     def write(tmp: Path) -> None:
         save_file(backend.adapter_state(), str(tmp / "adapter.safetensors"))
         torch.save(backend.training_state(), tmp / "training_state.pt")
-        jsonable, tensors = rng_state(generator)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration, "rng": jsonable}))
+        tensors = {f"rank{r}/{k}" if r else k: v.contiguous() for r, (_, t) in enumerate(rng) for k, v in t.items()}
+        save_file(tensors, str(tmp / "rng.safetensors"))
+        record = {**state, "iteration": iteration, "rng": rng[0][0], "processes": len(rng)}
+        if len(rng) > 1:
+            record["rng_ranks"] = {str(r): j for r, (j, _) in enumerate(rng) if r}
+        (tmp / "state.json").write_text(json.dumps(record))
         if ema is not None:
             save_file(ema.state(), str(tmp / "ema.safetensors"))
 
@@ -174,8 +180,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict[str, Any] | None = None,
-                    ema=None) -> dict[str, Any]:
-    """Restore adapter, optimizer, EMA and RNG states; returns the saved loop state."""
+                    ema=None, rank: int = 0) -> dict[str, Any]:
+    """Restore adapter, optimizer, EMA and (process `rank`'s) RNG states; returns the saved loop
+    state. A rank the checkpoint holds no RNG for (it was saved by fewer processes) keeps the
+    streams it was started with."""
     parts = parts if parts is not None else read_checkpoint(path)
     if ema is not None:
         if "ema.safetensors" not in parts:
@@ -190,12 +198,19 @@ def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict
     except Exception as e:  # noqa: BLE001 - e.g. shapes of another model
         raise CorruptCheckpoint(path / "adapter.safetensors", f"does not fit this model ({type(e).__name__})") from e
     state = dict(parts["state.json"])
-    set_rng_state(state.pop("rng"), parts["rng.safetensors"], generator)
+    jsonable, ranks = state.pop("rng"), state.pop("rng_ranks", {})
+    tensors = parts["rng.safetensors"]
+    if rank:
+        jsonable = ranks.get(str(rank))
+        prefix = f"rank{rank}/"
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if jsonable is not None and tensors:
+        set_rng_state(jsonable, tensors, generator)
     return state
 
 
-def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str], None], ema=None
-           ) -> tuple[Path | None, dict[str, Any] | None]:
+def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str], None], ema=None,
+           rank: int = 0, processes: int = 1) -> tuple[Path | None, dict[str, Any] | None]:
     """Load the newest intact checkpoint under `root`; (None, None) when there is none at all.
 
     A missing `latest` pointer or a corrupt checkpoint falls back to the next newest one, with a
@@ -209,7 +224,7 @@ def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str]
     first_problem = None
     for path in found:
         try:
-            state = load_checkpoint(path, backend, generator, read_checkpoint(path), ema)
+            state = load_checkpoint(path, backend, generator, read_checkpoint(path), ema, rank)
         except CorruptCheckpoint as e:  # the next candidate overwrites whatever this one applied
             first_problem = first_problem or e
             continue
@@ -217,6 +232,10 @@ def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str]
             warn(f"warning: {first_problem}; resuming from the older {path.name} instead")
         elif named is None or named != path:
             warn(f"warning: {root / 'latest'} is missing or stale; resuming from {path.name}, the newest intact checkpoint")
+        saved = state.pop("processes", 1)
+        if saved != processes:
+            warn(f"warning: {path.name} was saved by {saved} process{'es' * (saved != 1)} and this run has {processes}: "
+                 "it continues, but its random streams differ from those of an uninterrupted run")
         return path, state
     raise UserError("--resume", f"no intact checkpoint in {root}: {first_problem}",
                     "restore the file, or start the run over with --overwrite")

@@ -414,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(line: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    print(line, file=sys.stderr)
+    # Every process of a multi-process run ends with the same error (distributed.together): one says it.
+    if os.environ.get("RANK", "0") == "0" or debug:
+        print(line, file=sys.stderr)
     return code
 
 

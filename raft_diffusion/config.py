@@ -123,7 +123,8 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(1.0e-2, ge=0, description="AdamW weight decay")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="accelerate mixed precision for training"
+        "no", description="autocast dtype of the fine-tuning forward passes (the LoRA weights stay float32); "
+        "fp16 adds a loss scaler, saved in every checkpoint; works on CPU and CUDA"
     )
     objective: Literal["raft", "reward_weighted", "negative_aware"] = Field(
         "raft", description="what is fine-tuned on: raft = the selected samples, equally; reward_weighted = "

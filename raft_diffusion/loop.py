@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .checkpoint import resume as load_latest, save_checkpoint, write_dir_atomically
+from .checkpoint import resume as load_latest, rng_state, save_checkpoint, write_dir_atomically
 from .config import RunConfig
 from .ema import LoraEMA
+from .distributed import gather, pad_to, seed_process, share, together, training_generator
 from .errors import RunFailed
 from .objectives import Targets, targets
 from .protocols import Backend, Samples
@@ -43,13 +45,15 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
     and return the metrics. A diverged training step or failing rewards raise `RunFailed` before
     anything of that iteration is saved."""
     K, b, seed = config.generation.samples_per_prompt, config.raft.prompts_per_iteration, config.raft.seed
-    generator = torch.Generator().manual_seed(seed)  # training noise, timesteps and batch order
+    generator = training_generator(seed, accelerator)  # training noise, timesteps and batch order
+    seed_process(seed, accelerator)  # LoRA dropout: every process its own, from here on
     state, start = {"data_position": 0}, 0
     main = accelerator.is_main_process
     ema = LoraEMA(backend.lora_params, config.training.ema_decay) if config.training.ema_decay else None
     backend.old_policy = ema  # what negative_aware contrasts with (config refuses it without an EMA)
     if resume:
-        checkpoint, loaded = load_latest(run.checkpoints, backend, generator, warn=log if main else _silent, ema=ema)
+        checkpoint, loaded = load_latest(run.checkpoints, backend, generator, warn=log if main else _silent, ema=ema,
+                                         rank=accelerator.process_index, processes=accelerator.num_processes)
         if loaded is not None:
             state, start = loaded, loaded.pop("iteration") + 1
             if main:
@@ -62,23 +66,24 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
 
     for it in range(start, config.raft.iterations):
         seconds: dict[str, float] = {}
-        if accelerator.is_main_process:
+        if main:
             run.clear_samples(f"iter_{it:04d}")
         prompts, state["data_position"] = draw_prompts(train_prompts, state["data_position"], b, seed)
         groups = [g for g in range(len(prompts)) for _ in range(K)]
+        everyone = [prompts[g] for g in groups], [sample_seed(seed, 1, it, j) for j in range(len(groups))]
+        mine = share(len(groups), accelerator.num_processes, accelerator.process_index)  # what this process holds
 
-        with timed(seconds, "generate"), stopped_at(it), sampler(ema):  # 1. Sample
-            samples = check_finite(generate(backend, accelerator, [prompts[g] for g in groups],
-                                            [sample_seed(seed, 1, it, j) for j in range(len(groups))]), it > 0)
-        with timed(seconds, "score"), stopped_at(it):  # 2. Score
-            scored = reward(samples.outputs, samples.prompts, groups)
+        with timed(seconds, "generate"), stopped_at(it), sampler(ema):  # 1. Sample (this process's share)
+            samples = generate(backend, accelerator, *everyone, mine, trained=it > 0)
+        with timed(seconds, "score"), stopped_at(it):  # 2. Score it; only the scores are gathered
+            scored = score(reward, accelerator, samples, groups, mine)
         check_drops(scored, config, it)
-        chosen = select(scored.total, groups, config.selection.strategy,  # 3. Select
+        chosen = select(scored.total, groups, config.selection.strategy,  # 3. Select (the same on every process)
                         config.selection.top, config.selection.fraction)
         with timed(seconds, "train"), stopped_at(it):  # 4. Fine-tune (on what the objective makes of it)
-            train_on = training_samples(samples, targets(scored.total, groups, chosen, config.training))
-            loss = backend.train(shard(train_on, accelerator), generator)
-            loss = mean_over_processes(loss, accelerator)
+            train_on = training_samples(samples, targets(scored.total, groups, chosen, config.training), len(groups),
+                                        accelerator)
+            loss = mean_over_processes(backend.train(train_on, generator), accelerator)
             if ema is not None:
                 ema.update()
         with timed(seconds, "eval"), stopped_at(it), sampler(ema):  # 5. Evaluate
@@ -89,17 +94,20 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         record = iteration_record(it, scored, chosen, loss, evaluation, seconds)  # 6. Record, checkpoint
         if it == 0 and eval_before is not None:
             record["eval_before"] = eval_before
-        if accelerator.is_main_process:
-            run.write_samples(f"iter_{it:04d}", backend, samples, sample_rows(samples, scored, chosen))
+        save_samples(run, accelerator, f"iter_{it:04d}", backend, samples, mine,
+                     sample_rows(*everyone, scored, chosen))
+        rng = gather(accelerator, rng_state(generator))  # every process's random streams
+        if main:
             run.append_metrics(record)
-            save_checkpoint(run.checkpoints, it, backend, state, generator, config.checkpoint.keep_last, ema)
+            save_checkpoint(run.checkpoints, it, backend, state, rng, config.checkpoint.keep_last, ema)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if main:
             log(summary(record, config.raft.iterations))
 
-    if accelerator.is_main_process:
+    if main:
         with sampler(ema):  # with EMA on, the average is what was sampled and evaluated: it is the result
             write_dir_atomically(run.final, backend.save_adapter)
+    accelerator.wait_for_everyone()
     return run.read_metrics()
 
 
@@ -177,43 +185,82 @@ def eval_seed(config: RunConfig) -> int:
     return config.raft.seed if config.eval.seed is None else config.eval.seed
 
 
-def training_samples(samples: Samples, chosen: Targets) -> Samples:
-    """The samples an objective trains on, with its per-sample weights (if any) in the payload."""
-    subset = samples.select(chosen.indices)
-    if chosen.weights is not None:
-        subset.payload["weight"] = torch.as_tensor(chosen.weights, dtype=torch.float64)
-    if chosen.optimality is not None:
-        subset.payload["optimality"] = torch.as_tensor(chosen.optimality, dtype=torch.float64)
+def training_samples(samples: Samples, chosen: Targets, n: int, accelerator: Accelerator) -> Samples:
+    """The samples of this process's share (of the iteration's `n`) that the objective trains on,
+    with its per-sample weights (if any) in the payload. With several processes, each trains on as
+    many samples as the process holding most: the others repeat theirs at weight 0 (adding nothing
+    to the loss, but keeping every process's optimizer steps in lockstep); no sample is moved."""
+    indices, weights, optimality = list(chosen.indices), chosen.weights, chosen.optimality
+    world = accelerator.num_processes
+    if world == 1:
+        subset = samples.select(indices)
+    else:
+        shares = [share(n, world, r) for r in range(world)]
+        mine = shares[accelerator.process_index]
+        held = [k for k, i in enumerate(indices) if i in mine]  # positions in the objective's targets
+        most = max(sum(1 for i in indices if i in r) for r in shares)
+        if held:
+            positions, real = pad_to(held, most)
+            subset = samples.select([indices[k] - mine.start for k in positions])
+            weights = [(1.0 if weights is None else float(weights[k])) * r for k, r in zip(positions, real)]
+            optimality = None if optimality is None else [float(optimality[k]) for k in positions]
+        else:  # none of them is held here: repeat this process's own samples, at weight 0
+            subset = samples.select([j % len(samples) for j in range(most)])
+            weights = [0.0] * most
+            optimality = None if optimality is None else [0.5] * most
+    if weights is not None:
+        subset.payload["weight"] = torch.as_tensor(weights, dtype=torch.float64)
+    if optimality is not None:
+        subset.payload["optimality"] = torch.as_tensor(optimality, dtype=torch.float64)
     return subset
 
 
 # --- process sharding (a no-op with one process) -----------------------------------------------
 
 
-def generate(backend: Backend, accelerator: Accelerator, prompts: list[str], seeds: list[int],
-             desc: str = "generate") -> Samples:
-    """Each process generates its share; every process gets all samples back, in order."""
-    if accelerator.num_processes == 1:
-        return backend.generate(prompts, seeds, desc)
-    with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
-        local = backend.generate([prompts[i] for i in mine], [seeds[i] for i in mine], desc)
-    from accelerate.utils import gather_object
-
-    return Samples.join(gather_object([local]))
+def generate(backend: Backend, accelerator: Accelerator, prompts: list[str], seeds: list[int], mine: range,
+             trained: bool, desc: str = "generate") -> Samples:
+    """This process's share (`mine`) of the samples of `prompts` and `seeds`, checked finite."""
+    return together(accelerator, lambda: check_finite(
+        backend.generate([prompts[i] for i in mine], [seeds[i] for i in mine], desc), trained))
 
 
-def shard(samples: Samples, accelerator: Accelerator) -> Samples:
-    """This process's share of the training samples (equal shares, padded, so DDP steps agree)."""
-    if accelerator.num_processes == 1 or len(samples) == 0:
-        return samples
-    with accelerator.split_between_processes(list(range(len(samples))), apply_padding=True) as mine:
-        return samples.select(mine)
+def score(reward: RewardSet, accelerator: Accelerator, samples: Samples, groups: Sequence[int],
+          mine: range) -> Scored:
+    """Every sample's scores: each process scores its share, and only the scores travel."""
+    parts, errors = together(accelerator, lambda: reward.raw(samples.outputs, samples.prompts))
+    if accelerator.num_processes > 1:
+        everyone = gather(accelerator, (parts, errors))
+        parts = {k: np.concatenate([p[k] for p, _ in everyone]) for k in parts}
+        errors = {}
+        for _, e in everyone:
+            for k, v in e.items():
+                errors.setdefault(k, v)
+    return reward.combine(parts, groups, errors)
+
+
+def save_samples(run: RunDirectory, accelerator: Accelerator, name: str, backend: Backend, samples: Samples,
+                 mine: range, rows: list[dict[str, Any]], clear: bool = False) -> None:
+    """samples/NAME: each process writes the files of its share (numbered in the iteration's
+    order), the main process the one samples.jsonl."""
+    if clear and accelerator.is_main_process:
+        run.clear_samples(name)
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+    directory = run.samples(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [row for part in gather(accelerator, backend.write_samples(samples, directory, mine.start))
+               for row in part]
+    if accelerator.is_main_process:
+        run.write_rows(name, [{**fields, **row} for fields, row in zip(written, rows)])
 
 
 def mean_over_processes(value: float, accelerator: Accelerator) -> float:
+    """The mean of the processes' values, leaving out the NaN of one that trained on padding only."""
     if accelerator.num_processes == 1:
         return value
-    return float(accelerator.reduce(torch.tensor([value], device=accelerator.device), "mean").item())
+    values = [v for v in gather(accelerator, float(value)) if math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
 
 
 # --- evaluation and records --------------------------------------------------------------------
@@ -222,21 +269,20 @@ def mean_over_processes(value: float, accelerator: Accelerator) -> float:
 def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
              run: RunDirectory, accelerator: Accelerator, prompts: Sequence[str], name: str) -> dict[str, float]:
     """Mean training reward, held-out judge scores and the backend's own metrics on fixed eval
-    prompts and seeds."""
+    prompts and seeds (each process generates and scores its share)."""
     n = config.eval.samples_per_prompt
     groups = [g for g in range(len(prompts)) for _ in range(n)]
-    samples = check_finite(generate(backend, accelerator, [prompts[g] for g in groups],
-                                    [sample_seed(eval_seed(config), 2, j) for j in range(len(groups))], desc="eval"),
-                           trained=name != "base" and not name.startswith("reference"))
-    scored = reward(samples.outputs, samples.prompts, groups)
-    judged = judges(samples.outputs, samples.prompts, groups) if judges.specs else None
+    everyone = [prompts[g] for g in groups], [sample_seed(eval_seed(config), 2, j) for j in range(len(groups))]
+    mine = share(len(groups), accelerator.num_processes, accelerator.process_index)
+    samples = generate(backend, accelerator, *everyone, mine, desc="eval",
+                       trained=name != "base" and not name.startswith("reference"))
+    scored = score(reward, accelerator, samples, groups, mine)
+    judged = score(judges, accelerator, samples, groups, mine) if judges.specs else None
     result = {"reward": nanmean(scored.total)}
     result.update({k: nanmean(v) for k, v in eval_parts(scored, judged).items()})
     result.update(backend.eval_metrics(samples))  # e.g. text: perplexity under the base model, diversity
-    if accelerator.is_main_process:
-        where = f"{name}/eval" if name != "base" else "base_eval"
-        run.clear_samples(where)
-        run.write_samples(where, backend, samples, sample_rows(samples, scored, [], judged))
+    save_samples(run, accelerator, f"{name}/eval" if name != "base" else "base_eval", backend, samples, mine,
+                 sample_rows(*everyone, scored, [], judged), clear=True)
     return result
 
 
@@ -248,14 +294,14 @@ def eval_parts(scored: Scored, judged: Scored | None) -> dict[str, np.ndarray]:
     return {**parts, **judges}
 
 
-def sample_rows(samples: Samples, scored: Scored, chosen: Sequence[int],
+def sample_rows(prompts: Sequence[str], seeds: Sequence[int], scored: Scored, chosen: Sequence[int],
                 judged: Scored | None = None) -> list[dict[str, Any]]:
     chosen_set = set(chosen)
     parts = eval_parts(scored, judged) if judged is not None else scored.parts
     rows = []
-    for i in range(len(samples)):
+    for i in range(len(prompts)):
         scores = {k: _num(v[i]) for k, v in parts.items()}
-        rows.append({"prompt": samples.prompts[i], "seed": samples.seeds[i], "reward": _num(scored.total[i]),
+        rows.append({"prompt": prompts[i], "seed": seeds[i], "reward": _num(scored.total[i]),
                      "scores": scores, "selected": i in chosen_set})
     return rows
 

@@ -68,13 +68,15 @@ class Backend(Protocol):
     def train(self, samples: Samples, generator: torch.Generator) -> float:
         """Fine-tune the adapter on `samples` (epochs, batches, accumulation); mean loss."""
 
-    def write_samples(self, samples: Samples, directory: Path) -> list[dict[str, Any]]:
-        """Write the samples into `directory`; per sample, what its samples.jsonl row records of it
-        (an image's file name, `{"file": "0003.png"}`, or a text itself, `{"text": "..."}`)."""
+    def write_samples(self, samples: Samples, directory: Path, start: int = 0) -> list[dict[str, Any]]:
+        """Write the samples into `directory`, the first being sample number `start` of its
+        iteration (a process writes its share); per sample, what its samples.jsonl row records of
+        it (an image's file name, `{"file": "0003.png"}`, or a text itself, `{"text": "..."}`)."""
 
     def eval_metrics(self, samples: Samples) -> dict[str, float]:
         """Metrics of evaluation samples that only the backend can compute (text: perplexity under
-        the frozen base model, diversity); `{}` when there are none."""
+        the frozen base model, diversity); `{}` when there are none. Every process calls it with
+        its share; the result is over all of them, the same on every process."""
 
     def save_adapter(self, directory: Path) -> None:
         """The adapter in the format its ecosystem loads (diffusers LoRA / PEFT adapter)."""

@@ -272,12 +272,11 @@ class RunDirectory:
         if self.samples(name).exists():
             shutil.rmtree(self.samples(name))
 
-    def write_samples(self, name: str, backend, samples, rows: list[dict[str, Any]]) -> Path:
-        """The backend's files of `samples` plus `samples.jsonl` (one row per sample) under samples/NAME."""
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> Path:
+        """samples/NAME/samples.jsonl, one row per sample (its file or text, prompt, seed, scores)."""
         directory = self.samples(name)
         directory.mkdir(parents=True, exist_ok=True)
-        written = backend.write_samples(samples, directory)
         with open(directory / "samples.jsonl", "w", encoding="utf-8") as f:
-            for fields, row in zip(written, rows):
-                f.write(dumps({**fields, **row}) + "\n")
+            for row in rows:
+                f.write(dumps(row) + "\n")
         return directory

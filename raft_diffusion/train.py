@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 
 from .config import RunConfig, config_to_yaml
 from .errors import UserError
+from .precision import check_launcher
 from .prompts import load_prompts
 from .rewards import check_name, check_reads
 from .run_dir import RunDirectory
@@ -46,6 +47,8 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
         raise UserError("config selection.top", f"{config.selection.top} exceeds samples_per_prompt "
                         f"{config.generation.samples_per_prompt}", "keep top <= generation.samples_per_prompt")
     check_memory(config, len(eval_prompts))
+    check_launcher(config.training.mixed_precision)
+    check_processes(config, len(eval_prompts))
     run = RunDirectory(config.output_dir)
     config_yaml = config_to_yaml(config)
     main = os.environ.get("RANK", "0") == "0"  # other ranks of a multi-process run only read it
@@ -92,6 +95,19 @@ def check_memory(config: RunConfig, n_eval_prompts: int) -> None:
                         "lower generation.resolution, raft.prompts_per_iteration or generation.samples_per_prompt")
 
 
+def check_processes(config: RunConfig, n_eval_prompts: int) -> None:
+    """Refuse more processes than an iteration (or an evaluation) has samples: one would hold none."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    n = config.raft.prompts_per_iteration * config.generation.samples_per_prompt
+    if world > n:
+        raise UserError("config raft.prompts_per_iteration", f"an iteration has {n} samples for {world} processes",
+                        f"give every process one at least: prompts_per_iteration x samples_per_prompt >= {world}")
+    n_eval = n_eval_prompts * config.eval.samples_per_prompt
+    if config.eval.every and world > n_eval:
+        raise UserError("config eval.samples_per_prompt", f"an evaluation has {n_eval} samples for {world} processes",
+                        f"give every process one at least: eval prompts x samples_per_prompt >= {world}")
+
+
 def _memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -130,7 +146,8 @@ def _build(config: RunConfig):
     from .backends import build_backend
     from .rewards.compose import RewardSet
 
-    accelerator = Accelerator(mixed_precision=config.training.mixed_precision, cpu=not _cuda_wanted())
+    # training.mixed_precision is the backends' own (precision.py): accelerate would scale fp16 a second time.
+    accelerator = Accelerator(mixed_precision="no", cpu=not _cuda_wanted())
     set_seed(config.raft.seed)  # python, numpy and torch: the LoRA's initial weights come from here
     backend = build_backend(config, accelerator)  # loads the model; checks resolution, LoRA targets
     dtype = getattr(torch, config.model.dtype)  # rewards run on the run's device and dtype

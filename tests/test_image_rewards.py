@@ -250,3 +250,25 @@ def test_clip_and_aesthetic_on_the_same_images_run_the_image_tower_once(tiny_cli
     second = aesthetic_reward(changed, PROMPTS)
     assert calls == [3, 3] and second[0] != first[0]
     np.testing.assert_allclose(second[1:], first[1:], atol=1e-6)
+
+
+def test_reward_set_shares_the_clip_embedding_of_every_chunk_not_only_the_last(tiny_clip, tmp_path, monkeypatch):
+    from raft_diffusion.config import RewardSpec
+    from raft_diffusion.rewards.compose import RewardSet
+
+    head = tmp_path / "head.safetensors"
+    save_file(_laion_head(32), str(head))
+    rewards = RewardSet([RewardSpec(name="clip", options=_options(tiny_clip)),
+                         RewardSpec(name="aesthetic", options=_options(tiny_clip, head=str(head)))],
+                        torch.device("cpu"))
+    model = clip_module.load_clip(**_options(tiny_clip)).model
+    calls = []
+    encode = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda x, **k: calls.append(len(x)) or encode(x, **k))
+    _, images = _pictures(n=7, seed=11)
+    prompts = (PROMPTS * 3)[:7]
+    scored = rewards(images, prompts, list(range(7)), batch_size=3)
+    assert calls == [3, 3, 1]  # one image-tower pass per chunk, shared by clip and aesthetic
+    whole = rewards(images, prompts, list(range(7)), batch_size=64)  # chunking changes no score
+    for name in ("clip", "aesthetic"):
+        np.testing.assert_allclose(scored.parts[name], whole.parts[name], atol=1e-5)

@@ -115,3 +115,10 @@ def test_caption_dropout_trains_a_share_of_samples_on_the_empty_prompt(tiny_conf
     assert 16 <= int(is_empty.sum()) <= 48 and bool((is_empty ^ kept).all())
     backend.config.training.caption_dropout = 0.0
     assert backend._drop_captions(text, torch.Generator().manual_seed(0)) is text
+
+
+def test_lora_dropout_never_acts_when_sampling_even_before_any_training(tiny_config):
+    backend = DiffusionBackend(tiny_config(lora={"dropout": 0.5}), Accelerator(cpu=True))
+    a = backend.generate(["a cat"], [3]).outputs
+    b = backend.generate(["a cat"], [3]).outputs
+    assert torch.equal(a, b)

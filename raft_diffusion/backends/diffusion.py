@@ -28,7 +28,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import GenerationConfig, RunConfig
-from . import check_lora_targets, fine_tune
+from . import check_lora_targets, fine_tune, load_training_state, training_state
+from ..precision import Precision
 from ..errors import UserError
 from ..paths import ASSETS
 from ..protocols import Samples
@@ -37,7 +38,8 @@ from ..weights import canonicalize_safetensors, read_tensors
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ASSET_BUILTINS = {"toy-shapes": "toyworld/toy-shapes"}  # trained, shipped pipelines
-BUILTINS = ("tiny-sd", "tiny-sd-v", *ASSET_BUILTINS)  # tiny-*: random, built on the fly
+# tiny-*: random, built on the fly; sd15-random: SD 1.5's architecture with random weights (benchmarks)
+BUILTINS = ("tiny-sd", "tiny-sd-v", "sd15-random", *ASSET_BUILTINS)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what save_adapter writes and load_lora_weights reads
 
@@ -64,8 +66,10 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
                 raise UserError(field, f"the {name} weights are missing from {directory}",
                                 "rebuild them with: python -m raft_diffusion.toyworld.build")
             return load_pipeline(str(directory), dtype, field=field)
-        from ..tiny import tiny_pipeline
+        from ..tiny import sd15_random_pipeline, tiny_pipeline
 
+        if name == "sd15-random":
+            return sd15_random_pipeline(dtype=torch_dtype)
         pipe = tiny_pipeline(prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     local = Path(path).expanduser()
@@ -281,6 +285,10 @@ class DiffusionBackend:
         check_lora_targets(unet, lora.target_modules, "UNet module", "to_q, to_k, to_v, to_out.0, proj_in, conv1")
         unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                     target_modules=list(lora.target_modules), init_lora_weights="gaussian"))
+        # A pipeline built from configs, and the LoRA layers just added, start in train mode: sampling
+        # must not draw LoRA dropout (only fine-tuning switches it on, and off again).
+        for part in (pipe.vae, pipe.text_encoder, unet):
+            part.eval()
         # The frozen model may be half precision; the trained LoRA weights stay float32.
         self.lora_params = [p for p in unet.parameters() if p.requires_grad]
         for p in self.lora_params:
@@ -294,6 +302,7 @@ class DiffusionBackend:
         train = config.training
         optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+        self.precision = Precision(train.mixed_precision, self.device)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -327,7 +336,7 @@ class DiffusionBackend:
         # The old policy first: it swaps the EMA into the LoRA's tensors, which must not happen
         # while autograd holds them for this step's backward.
         old = self._old_prediction(noisy.to(dtype), t, text) if optimality is not None else None
-        with self.accelerator.autocast():
+        with self.precision.autocast():
             pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text).sample
         reduce = (lambda x: x.mean(dim=tuple(range(1, x.ndim)))) if per_sample else (lambda x: x.mean())
         if optimality is not None:
@@ -354,7 +363,7 @@ class DiffusionBackend:
     @torch.no_grad()
     def _old_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The old policy's prediction: the same UNet with the EMA of the LoRA swapped in."""
-        with self.old_policy.applied(), self.accelerator.autocast():
+        with self.old_policy.applied(), self.precision.autocast():
             return self._unet()(noisy, t, encoder_hidden_states=text).sample.float()
 
     @torch.no_grad()
@@ -363,7 +372,7 @@ class DiffusionBackend:
         unet = self._unet()
         unet.disable_adapters()
         try:
-            with self.accelerator.autocast():
+            with self.precision.autocast():
                 return unet(noisy, t, encoder_hidden_states=text).sample.float()
         finally:
             unet.enable_adapters()
@@ -387,33 +396,40 @@ class DiffusionBackend:
         optimality = samples.payload.get("optimality")  # negative_aware's r per sample
         losses = []
 
-        def loss(batch: list[int], group: list[list[int]]) -> torch.Tensor:
-            if optimality is not None:
-                per = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator,
-                                 per_sample=True, optimality=optimality[batch])
-                losses.append(per.mean().item())
-                return per.sum() / sum(len(b) for b in group)
-            if weights is None:
+        def loss(batch: list[int], denominator: float) -> torch.Tensor:
+            if weights is None and optimality is None:  # plain RAFT, one process: every sample counts once
                 value = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
                 losses.append(value.item())
-                return value * len(batch) / sum(len(b) for b in group)
-            per = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator, per_sample=True)
-            losses.append(per.mean().item())
+                return value * len(batch) / denominator
+            per = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator,
+                             per_sample=True, optimality=None if optimality is None else optimality[batch])
+            if weights is None:
+                losses.append(per.mean().item())
+                return per.sum() / denominator
             w = weights[batch].to(per.device, per.dtype)
-            return (w * per).sum() / float(sum(weights[i] for b in group for i in b))
+            real = w > 0  # zero weight: padding that evens out the processes' shares
+            if bool(real.any()):
+                losses.append(per[real].mean().item())
+            return (w * per).sum() / denominator
 
-        fine_tune(self.accelerator, self.unet, self.optimizer, self.lora_params, cfg, range(n), generator, loss)
+        def weight_of(items: list[int]) -> float:
+            return len(items) if weights is None else float(sum(weights[i] for i in items))
+
+        fine_tune(self.accelerator, self.unet, self.optimizer, self.lora_params, cfg, range(n), generator, loss,
+                  weight_of, self.precision)
+        if not losses:
+            return math.nan
         return float(sum(losses) / len(losses))
 
     # -- samples, adapter and state ----------------------------------------------------------
 
-    def write_samples(self, samples: Samples, directory: Path) -> list[dict[str, Any]]:
+    def write_samples(self, samples: Samples, directory: Path, start: int = 0) -> list[dict[str, Any]]:
         from PIL import Image
 
         from ..rewards.jpeg import to_uint8
 
         rows = []
-        for i, array in enumerate(to_uint8(samples.outputs)):
+        for i, array in enumerate(to_uint8(samples.outputs), start):
             name = f"{i:04d}.png"
             Image.fromarray(array).save(directory / name)
             rows.append({"file": name})
@@ -448,10 +464,10 @@ class DiffusionBackend:
         canonicalize_safetensors(Path(directory) / "pytorch_lora_weights.safetensors")
 
     def training_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        return training_state(self.optimizer, self.precision)
 
     def load_training_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_training_state(state, self.optimizer, self.precision)
 
 
 def _sorted_sets(config: dict[str, Any]) -> dict[str, Any]:

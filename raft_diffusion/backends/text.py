@@ -30,7 +30,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from . import check_lora_targets, fine_tune
+from . import check_lora_targets, fine_tune, load_training_state, training_state
+from ..precision import Precision
 from ..diversity import diversity
 from ..errors import UserError
 from ..protocols import Samples
@@ -255,6 +256,7 @@ class TextBackend:
         train = config.training
         optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.precision = Precision(train.mixed_precision, self.device)
         self._prompt_ids: dict[str, list[int]] = {}
 
     def _peft(self) -> PeftModel:
@@ -287,7 +289,7 @@ class TextBackend:
 
     def _nll(self, prompt_ids, response_ids) -> tuple[torch.Tensor, int]:
         ids, mask, labels = (t.to(self.device) for t in training_batch(prompt_ids, response_ids, self.pad_id))
-        with self.accelerator.autocast():
+        with self.precision.autocast():
             logits = self.model(input_ids=ids, attention_mask=mask).logits
         return response_nll(logits, labels)
 
@@ -295,14 +297,14 @@ class TextBackend:
         """(B,) summed response NLL of each sample, plus `training.anchor_weight` times its summed
         token-level KL(tuned || base) (the base: the same model with the adapter off)."""
         ids, mask, labels = (t.to(self.device) for t in training_batch(prompt_ids, response_ids, self.pad_id))
-        with self.accelerator.autocast():
+        with self.precision.autocast():
             logits = self.model(input_ids=ids, attention_mask=mask).logits
         target = labels[:, 1:]
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
         loss = nll.sum(dim=1)
         anchor = self.config.training.anchor_weight
         if anchor:
-            with torch.no_grad(), self._peft().disable_adapter(), self.accelerator.autocast():
+            with torch.no_grad(), self._peft().disable_adapter(), self.precision.autocast():
                 base = self._peft()(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             log_p = F.log_softmax(logits[:, :-1].float(), dim=-1)
             kl = (log_p.exp() * (log_p - F.log_softmax(base, dim=-1))).sum(-1)  # (B, T-1)
@@ -317,25 +319,37 @@ class TextBackend:
         """
         cfg = self.config.training
         prompt_ids, response_ids = samples.payload.get("prompt_ids", []), samples.payload.get("response_ids", [])
-        keep = [i for i in range(len(samples)) if response_ids[i]]
+        if self.accelerator.num_processes == 1:
+            keep = [i for i in range(len(samples)) if response_ids[i]]
+        else:  # every process steps alike: an empty response stays, with no tokens to weigh
+            keep = list(range(len(samples))) if any(response_ids) else []
         if not keep:
             return math.nan
         totals = [0.0, 0]  # summed NLL and count of the response tokens trained on
         weights = samples.payload.get("weight")  # per-sample, from the objective; None: all equal
         plain = weights is None and not cfg.anchor_weight
 
-        def loss(batch: list[int], group: list[list[int]]) -> torch.Tensor:
+        def loss(batch: list[int], denominator: float) -> torch.Tensor:
             if plain:
                 nll, count = self._nll([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
                 totals[0], totals[1] = totals[0] + nll.item(), totals[1] + count
-                return nll / sum(len(response_ids[i]) for b in group for i in b)
+                return nll / denominator
             per = self._per_sample_loss([prompt_ids[i] for i in batch], [response_ids[i] for i in batch])
-            totals[0], totals[1] = totals[0] + per.sum().item(), totals[1] + sum(len(response_ids[i]) for i in batch)
+            real = [j for j, i in enumerate(batch) if weights is None or weights[i] > 0]  # not padding
+            totals[0] += per[real].sum().item()
+            totals[1] += sum(len(response_ids[batch[j]]) for j in real)
             w = torch.ones(len(batch)) if weights is None else weights[batch]
-            tokens = sum(float(1 if weights is None else weights[i]) * len(response_ids[i]) for b in group for i in b)
-            return (w.to(per.device, per.dtype) * per).sum() / tokens
+            return (w.to(per.device, per.dtype) * per).sum() / denominator
 
-        fine_tune(self.accelerator, self.model, self.optimizer, self.lora_params, cfg, keep, generator, loss)
+        def weight_of(items: list[int]) -> float:
+            if weights is None:
+                return sum(len(response_ids[i]) for i in items)
+            return sum(float(weights[i]) * len(response_ids[i]) for i in items)
+
+        fine_tune(self.accelerator, self.model, self.optimizer, self.lora_params, cfg, keep, generator, loss,
+                  weight_of, self.precision)
+        if not totals[1]:
+            return math.nan
         return totals[0] / totals[1]
 
     # -- evaluation -------------------------------------------------------------------------
@@ -355,13 +369,17 @@ class TextBackend:
 
     def eval_metrics(self, samples: Samples) -> dict[str, float]:
         """Perplexity of the completions under the frozen base model (per token, given the prompt),
-        and the completions' diversity (distinct-1/2, unique-2, MSTTR)."""
-        nll, count = self.base_nll(samples)
-        return {"perplexity": math.exp(nll / count) if count else math.nan, **diversity(samples.outputs)}
+        and the completions' diversity (distinct-1/2, unique-2, MSTTR), over every process's share."""
+        from ..distributed import gather
+
+        parts = gather(self.accelerator, (*self.base_nll(samples), list(samples.outputs)))  # sums and texts only
+        nll, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        texts = [t for p in parts for t in p[2]]
+        return {"perplexity": math.exp(nll / count) if count else math.nan, **diversity(texts)}
 
     # -- samples, adapter and state ----------------------------------------------------------
 
-    def write_samples(self, samples: Samples, directory: Path) -> list[dict[str, Any]]:
+    def write_samples(self, samples: Samples, directory: Path, start: int = 0) -> list[dict[str, Any]]:
         return [{"text": text} for text in samples.outputs]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -389,7 +407,7 @@ class TextBackend:
         canonicalize_safetensors(directory / "adapter_model.safetensors")
 
     def training_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}
+        return training_state(self.optimizer, self.precision)
 
     def load_training_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_training_state(state, self.optimizer, self.precision)

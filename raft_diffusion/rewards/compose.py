@@ -113,24 +113,36 @@ class RewardSet:
         return labels
 
     def __call__(self, outputs, prompts: Sequence[str], groups: Sequence[int], batch_size: int = 64) -> Scored:
+        parts, errors = self.raw(outputs, prompts, batch_size)
+        return self.combine(parts, groups, errors)
+
+    def raw(self, outputs, prompts: Sequence[str], batch_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Each reward's raw scores of `outputs` (NaN where it failed) and its first reason to fail.
+
+        Chunk by chunk of `batch_size` samples, every reward on a chunk before the next chunk: the
+        rewards that read the same CLIP embedding (clip, aesthetic) compute it once per chunk, and
+        no more than one chunk of inputs is prepared at a time."""
         n = len(prompts)
-        parts: dict[str, np.ndarray] = {}
-        errors: dict[str, str] = {}
+        labels = self.names()
+        chunks: dict[str, list[np.ndarray]] = {label: [] for label in labels}
+        reasons: dict[str, list[str]] = {label: [] for label in labels}
+        for i in range(0, n, batch_size):
+            part, texts = take(outputs, range(i, min(n, i + batch_size))), list(prompts[i:i + batch_size])
+            for label, fn in zip(labels, self.fns):
+                chunks[label].append(_safe_scores(fn, part, texts, reasons[label]))
+        parts = {label: np.concatenate(chunks[label]) if n else np.zeros(0) for label in labels}
+        return parts, {label: r[0] for label, r in reasons.items() if r}
+
+    def combine(self, parts: dict[str, np.ndarray], groups: Sequence[int], errors: dict[str, str]) -> Scored:
+        """The weighted (maybe normalised) sum of raw scores: what ranking reads."""
+        n = len(groups)
         total = np.zeros(n)
-        for label, spec, fn in zip(self.names(), self.specs, self.fns):
-            reasons: list[str] = []
-            raw = np.concatenate([
-                _safe_scores(fn, take(outputs, range(i, min(n, i + batch_size))), prompts[i:i + batch_size], reasons)
-                for i in range(0, n, batch_size)
-            ]) if n else np.zeros(0)
-            parts[label] = raw
-            if reasons:
-                errors[label] = reasons[0]
-            total = total + spec.weight * _normalize(raw, groups, spec.normalize)
+        for label, spec in zip(self.names(), self.specs):
+            total = total + spec.weight * _normalize(parts[label], groups, spec.normalize)
         dropped = int(np.isnan(total).sum())
         if dropped:
             log.warning("%d of %d samples dropped: a reward failed or was not finite", dropped, n)
-        return Scored(total=total, parts=parts, errors=errors)
+        return Scored(total=total, parts=parts, errors=dict(errors))
 
     def check_prompts(self, prompts: Sequence[str], field: str) -> None:
         """Refuse, before the run starts, prompts that a reward can never score (e.g. the oracle

@@ -1,0 +1,149 @@
+"""The first thing to run on a GPU machine: does raft-diffusion work here, and how fast?
+
+1. The toy demos (`raft-diffusion demo monet-cat`, `demo resolution`) on this device: wall time and
+   the held-out result each prints.
+2. One RAFT iteration of an SD 1.5-architecture pipeline with random weights, built from its configs
+   (no download): 256 px, b prompts x K samples, DDIM, CFG 7.5, scored by a ViT-L-14 CLIP (random
+   weights) plus an aesthetic head on the same image embedding, LoRA fine-tuning on the best of each
+   prompt. Seconds per phase, images per second, peak GPU memory, and the ratio against the naive
+   loop (one `pipe()` call per prompt, PIL images, VAE re-encoding; bench/iteration.py).
+
+    python bench/gpu_check.py              # on CUDA: demos, then SD 1.5 size, fp16
+    python bench/gpu_check.py --smoke      # anywhere, a few minutes: demo tiny, then the tiny SD at 64 px
+
+Prints a report and writes bench/results/gpu_check.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench/iteration.py
+REPO = HERE.parent
+
+FULL = {"demos": ["monet-cat", "resolution"], "model": "builtin:sd15-random", "dtype": "float16",
+        "mixed_precision": "fp16", "resolution": 256, "k": 8, "b": 16, "steps": 20, "batch_size": 32,
+        "clip": "ViT-L-14", "repeats": 2}
+SMOKE = {"demos": ["tiny"], "model": "builtin:tiny-sd", "dtype": "float32", "mixed_precision": "no",
+         "resolution": 64, "k": 4, "b": 2, "steps": 4, "batch_size": 8, "clip": "ViT-B-32", "repeats": 1}
+
+
+def device_report() -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, memory_gib=round(p.total_memory / 2**30, 1), cuda_version=torch.version.cuda,
+                    devices=torch.cuda.device_count())
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def run_demo(name: str, workdir: Path) -> dict:
+    """`raft-diffusion demo NAME` in a subprocess: its wall time, exit code and evaluation table."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "raft_diffusion", "demo", name, "--output-dir",
+                           str(workdir / f"demo-{name}")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    seconds = time.perf_counter() - start
+    table = done.stdout.split("base model vs tuned:", 1)[-1].split("before/after", 1)[0].strip() \
+        if "base model vs tuned:" in done.stdout else ""
+    result = {"seconds": round(seconds, 1), "returncode": done.returncode, "evaluation": table}
+    if done.returncode:
+        result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    return result
+
+
+def random_head(width: int, path: Path) -> Path:
+    """An aesthetic head in LAION's layout with random weights (what it costs, not what it says)."""
+    from safetensors.torch import save_file
+
+    from raft_diffusion.rewards.clip import AestheticHead
+
+    torch.manual_seed(0)
+    head = AestheticHead([width, 1024, 128, 64, 16, 1])
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
+    return path
+
+
+def sd_iteration(cfg: dict, workdir: Path) -> dict:
+    """One iteration ours against naive, plus images per second and peak memory."""
+    import open_clip
+
+    from iteration import build, compare, table
+    from raft_diffusion.config import RewardSpec
+    from raft_diffusion.rewards.compose import RewardSet
+
+    start = time.perf_counter()
+    backend = build(cfg["model"], cfg["dtype"], cfg["resolution"], cfg["k"], cfg["steps"], cfg["batch_size"],
+                    cfg["mixed_precision"])
+    built = time.perf_counter() - start
+    width = open_clip.get_model_config(cfg["clip"])["embed_dim"]
+    head = random_head(width, workdir / "head.safetensors")
+    clip = {"model": cfg["clip"], "pretrained": None}
+    rewards = RewardSet([RewardSpec(name="clip", options=clip),
+                         RewardSpec(name="aesthetic", options={**clip, "head": str(head)})],
+                        backend.device, dtype=backend.pipe.unet.dtype)
+
+    def reward(images, prompts):
+        return rewards(images, prompts, list(range(len(prompts)))).total
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = compare(backend, reward, cfg["k"], cfg["b"], cfg["repeats"])
+    n = cfg["k"] * cfg["b"]
+    ours = result["median_seconds"]["ours"]
+    result.update(
+        unet_parameters_millions=round(sum(p.numel() for p in backend.pipe.unet.parameters()) / 1e6, 1),
+        build_seconds=round(built, 1), images=n, images_per_second=round(n / ours["generate"], 2),
+        peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        table=table(result))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, CPU or GPU, a few minutes")
+    parser.add_argument("--skip-demos", action="store_true", help="only the SD 1.5-architecture iteration")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.json")
+    args = parser.parse_args()
+    cfg = SMOKE if args.smoke else FULL
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here (torch.cuda.is_available() is False); "
+                 "run with --smoke for the CPU rehearsal")
+    report = {"mode": "smoke" if args.smoke else "full", "settings": cfg, "device": device_report()}
+    print(f"gpu_check ({report['mode']}): {report['device']}")
+    with tempfile.TemporaryDirectory(prefix="raft-gpu-check-") as tmp:
+        workdir = Path(tmp)
+        report["demos"] = {}
+        for name in [] if args.skip_demos else cfg["demos"]:
+            print(f"demo {name} ...", flush=True)
+            report["demos"][name] = run_demo(name, workdir)
+            d = report["demos"][name]
+            print(f"demo {name}: {d['seconds']} s, exit {d['returncode']}\n{d['evaluation'] or d.get('error', '')}")
+        print(f"one iteration of {cfg['model']} ({cfg['dtype']}, {cfg['resolution']} px, {cfg['b']} prompts x "
+              f"{cfg['k']}, {cfg['steps']} steps) ...", flush=True)
+        report["iteration"] = it = sd_iteration(cfg, workdir)
+    print(f"UNet {it['unet_parameters_millions']} M parameters, built in {it['build_seconds']} s; "
+          f"{it['images']} images at {it['images_per_second']} images/s; peak GPU memory "
+          f"{it['peak_memory_gib']} GiB\n{it['table']}")
+    failed = [n for n, d in report["demos"].items() if d["returncode"]]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if failed:
+        sys.exit(f"gpu_check: demo {', '.join(failed)} failed")
+
+
+if __name__ == "__main__":
+    main()
