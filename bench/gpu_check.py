@@ -56,9 +56,11 @@ def run_demo(name: str, workdir: Path) -> dict:
                            str(workdir / f"demo-{name}")], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
     seconds = time.perf_counter() - start
-    table = done.stdout.split("base model vs tuned:", 1)[-1].split("before/after", 1)[0].strip() \
-        if "base model vs tuned:" in done.stdout else ""
-    result = {"seconds": round(seconds, 1), "returncode": done.returncode, "evaluation": table}
+    # What the demo prints after its run: the reward line, and the base-vs-tuned table when it evaluates.
+    tail = done.stdout.split("\nreward (mean", 1)
+    summary = ("reward (mean" + tail[1]).split("\nbefore/after", 1)[0].split("\nLoRA:", 1)[0].strip() \
+        if len(tail) == 2 else ""
+    result = {"seconds": round(seconds, 1), "returncode": done.returncode, "evaluation": summary}
     if done.returncode:
         result["error"] = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
     return result

@@ -93,6 +93,8 @@ def tiny_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.eval()  # as from_pretrained leaves them (train mode decodes differently, by ~1e-6)
     return pipe
 
 
@@ -119,4 +121,6 @@ def sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> S
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.eval()
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
