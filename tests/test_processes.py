@@ -218,3 +218,19 @@ def test_two_processes_resume_after_kill_like_an_uninterrupted_run(tmp_path):
     assert resumed.stdout.count("resumed from") == 1 and "iteration 1" in resumed.stdout
     assert _metrics(killed) == _metrics(tmp_path / "straight")
     assert _lora(killed) == _lora(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("accumulate", [1, 7])
+def test_a_two_process_step_equals_one_step_on_all_samples_weighted_as_one_batch(tmp_path, accumulate):
+    """Uneven shares (4 + 3, the 3 padded at weight 0), per-sample weights, DDP's gradient average:
+    the step is the one-process step on all 7 samples, whether in one micro-batch or accumulated."""
+    results = {}
+    for name, launcher in (("one", [sys.executable]), ("two", TORCHRUN)):
+        out = tmp_path / f"{name}.pt"
+        done = subprocess.run([*launcher, str(REPO / "tests/fine_tune_worker.py"), str(out), str(accumulate)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[name] = torch.load(out, weights_only=True)
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(results["two"][key], results["one"][key], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(results["one"][key], results["one"]["start_" + key])  # the step moved them
