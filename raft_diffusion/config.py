@@ -168,6 +168,19 @@ class EvalConfig(_Strict):
     )
 
 
+class ReportConfig(_Strict):
+    """When the report flags a run (report.py): thresholds of the reward-hacking and collapse signs."""
+
+    judge_drop: float = Field(0.05, ge=0, description="flag a held-out judge that fell by more than this share "
+                              "of its base value while the trained reward rose")
+    collapse_drop: float = Field(0.2, ge=0, le=1, description="flag an eval metric that ended more than this "
+                                 "share of its gain below its own peak (it rose, then fell back)")
+    diversity_drop: float = Field(0.25, ge=0, le=1, description="flag a diversity metric (distinct-n, "
+                                  "unique-2, MSTTR) that fell by more than this share of its base value")
+    perplexity_rise: float = Field(0.5, ge=0, description="flag a perplexity under the base model that rose "
+                                   "by more than this share of its base value")
+
+
 class CheckpointConfig(_Strict):
     keep_last: int = Field(2, gt=0, description="iteration checkpoints kept on disk")
 
@@ -195,6 +208,7 @@ class RunConfig(_Strict):
     raft: RaftConfig = Field(default_factory=RaftConfig, description="the outer loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="what the run report flags")
     output_dir: str = Field("runs/raft", min_length=1, description="run directory")
 
     @model_validator(mode="after")

@@ -32,7 +32,7 @@ except ImportError:  # Windows: fall back to an O_EXCL pid file
     fcntl = None
 
 # Fields a resumed run may change: how long it runs, and where it lives.
-RESUMABLE_CHANGES = {("raft", "iterations"), ("output_dir",)}
+RESUMABLE_CHANGES = {("raft", "iterations"), ("output_dir",), ("report",)}  # report.*: what the report flags
 # Everything a run writes at the top of its directory; nothing else is ever removed.
 RUN_ENTRIES = frozenset({
     "config.yaml", "run.json", "metrics.jsonl", "samples", "checkpoints", "final", ".lock",
@@ -42,6 +42,8 @@ TEMPORARY_PREFIXES = (".tmp-", ".old-")  # write_dir_atomically's leftovers afte
 
 
 def _first_difference(a: Any, b: Any, path: tuple = ()) -> tuple | None:
+    if path in RESUMABLE_CHANGES:
+        return None
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(dict.fromkeys([*a, *b])):
             found = _first_difference(a.get(key), b.get(key), path + (key,))
