@@ -103,6 +103,7 @@ def train(
     run_training(cfg, search=_search_dirs(config), resume=resume, overwrite=overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"done: {cfg.output_dir}/final")
+        print(f"report: {cfg.output_dir}/report.html")
 
 
 def _set_output_dir(cfg, value: str, field: str = "--output-dir") -> None:
@@ -166,6 +167,7 @@ def demo(
         print(f"before/after samples: {pictures[0]}")
     weights = sorted((Path(cfg.output_dir) / "final").glob("*.safetensors"))
     print(f"LoRA: {weights[0] if len(weights) == 1 else Path(cfg.output_dir) / 'final'}")
+    print(f"report: {Path(cfg.output_dir) / 'report.html'}")
 
 
 @app.command()
@@ -374,6 +376,18 @@ def _parse_options(assignments: list[str]) -> dict:
         except yaml.YAMLError:
             options[key.strip()] = raw
     return options
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (it holds metrics.jsonl)."),
+) -> None:
+    """Write RUN_DIR/report.html: flags, curves, before/after, per-prompt table, candidates, config."""
+    if not run_dir.is_dir():
+        raise UserError("RUN_DIR", f"{run_dir} is not a directory", "pass a run directory, e.g. runs/demo-monet-cat")
+    from .html_report import write
+
+    print(write(run_dir))
 
 
 @app.command("config-help")

@@ -103,12 +103,24 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         accelerator.wait_for_everyone()
         if main:
             log(summary(record, config.raft.iterations))
+            if evaluation or it + 1 == config.raft.iterations:
+                write_report(run, log)
 
     if main:
         with sampler(ema):  # with EMA on, the average is what was sampled and evaluated: it is the result
             write_dir_atomically(run.final, backend.save_adapter)
     accelerator.wait_for_everyone()
     return run.read_metrics()
+
+
+def write_report(run: RunDirectory, log: Callable[[str], None]) -> None:
+    """report.html, rewritten after each evaluation; a report that cannot be drawn never stops the run."""
+    from .html_report import write
+
+    try:
+        write(run.path)
+    except Exception as e:  # noqa: BLE001 - the run's results are safe; say why the page is missing
+        log(f"warning: report.html not written ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
 
 
 # --- data and seeds ----------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""`report.html`: one self-contained page of what a run did (images embedded as data URIs).
+
+At the top, the flags (flags.py) in plain words; then the curves per iteration (the trained
+reward, the selected samples' reward, every eval metric with the base model at iteration 0), the
+before/after grid (or texts), a per-prompt table of the base and last evaluations, the last
+iteration's candidates with the selected ones marked, and the config.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ReportConfig
+from .errors import UserError
+from .flags import evaluations, find
+from .run_dir import RunDirectory
+
+MAX_CANDIDATES = 64  # of the last iteration, shown as thumbnails or texts
+
+
+def write(run_dir: str | Path) -> Path:
+    """Write `RUN_DIR/report.html` (atomically) and return its path."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError("RUN_DIR", f"{run_dir} holds no metrics.jsonl", "pass a run directory that has run an iteration")
+    records = RunDirectory(run_dir).read_metrics()
+    if not records:
+        raise UserError("RUN_DIR", f"{run_dir} has no iteration yet", "report a run once an iteration has ended")
+    config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
+    config = yaml.safe_load(config_text) or {}
+    flags = find(records, ReportConfig.model_validate(config.get("report") or {}))
+    parts = [
+        f"<h1>{html.escape(run_dir.resolve().name)}</h1>",
+        f"<p>{len(records)} iterations; backend {html.escape(str(config.get('backend', '?')))}, model "
+        f"{html.escape(str((config.get('model') or {}).get('path', '?')))}</p>",
+        _flags(flags),
+        "<h2>Curves</h2>", _curves(records),
+        _before_after(run_dir),
+        _per_prompt(run_dir),
+        _candidates(run_dir, records),
+        "<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>",
+    ]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>raft-diffusion report</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+            ".flag{background:#fff3cd;border-left:4px solid #d39e00;padding:.4em .8em;margin:.4em 0}"
+            ".ok{background:#e8f5e9;border-left:4px solid #43a047;padding:.4em .8em}"
+            ".sel{outline:3px solid #2e7d32}figure{display:inline-block;margin:2px;font-size:11px}"
+            "</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    out = run_dir / "report.html"
+    tmp = run_dir / ".tmp-report.html"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _flags(flags) -> str:
+    if not flags:
+        return "<div class='ok' id='flags'>No flag: no held-out judge fell while the reward rose, no collapse " \
+               "after a peak, no loss of diversity.</div>"
+    items = "".join(f"<div class='flag'><b>{html.escape(f.kind)}</b>: {html.escape(f.message)}</div>" for f in flags)
+    return f"<div id='flags'><h2>Flags</h2>{items}</div>"
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _curves(records: list[dict[str, Any]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    evals = evaluations(records)
+    names = list(dict.fromkeys(k for _, e in evals for k in e))
+    panels = [("trained reward", None)] + [(n, n) for n in names]
+    cols = 3
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, (title, name) in zip(axes.flat, panels):
+        if name is None:
+            its = [r["iteration"] + 1 for r in records]
+            for key, label in (("reward_mean", "all samples"), ("reward_selected_mean", "selected")):
+                ys = [r.get(key) for r in records]
+                ax.plot(its, [float("nan") if y is None else y for y in ys], marker=".", label=label)
+            ax.legend(fontsize=7)
+        else:
+            pts = [(it, e[name]) for it, e in evals if isinstance(e.get(name), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="C2")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    uri = _png(fig)
+    plt.close(fig)
+    return f"<img id='curves' alt='curves' src='{uri}'>"
+
+
+def _eval_rows(directory: Path) -> list[dict[str, Any]]:
+    path = directory / "samples.jsonl"
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+
+
+def _last_eval_dir(run_dir: Path) -> Path | None:
+    found = sorted(p.parent for p in (run_dir / "samples").glob("iter_*/eval/samples.jsonl"))
+    return found[-1] if found else None
+
+
+def _image_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _before_after(run_dir: Path) -> str:
+    from . import report
+
+    base, last = run_dir / "samples/base_eval", _last_eval_dir(run_dir)
+    rows = _eval_rows(base)
+    if not rows or last is None:
+        return ""
+    if "file" in rows[0]:
+        return f"<h2>Before and after</h2><img id='grid' alt='before/after grid' src='{_image_uri(report.grid(run_dir))}'>"
+    pairs = list(zip(rows, _eval_rows(last)))[:16]
+    body = "".join(f"<tr><td style='text-align:left'>{html.escape(b['prompt'])}</td>"
+                   f"<td style='text-align:left'>{html.escape(b['text'])}</td>"
+                   f"<td style='text-align:left'>{html.escape(a['text'])}</td></tr>" for b, a in pairs)
+    return ("<h2>Before and after</h2><table id='grid'><tr><th>prompt</th><th>base</th><th>tuned</th></tr>"
+            + body + "</table>")
+
+
+def _per_prompt(run_dir: Path) -> str:
+    base, last = _eval_rows(run_dir / "samples/base_eval"), _last_eval_dir(run_dir)
+    if not base or last is None:
+        return ""
+    tuned = _eval_rows(last)
+
+    def means(rows):
+        sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            for k, v in {"reward": r.get("reward"), **r.get("scores", {})}.items():
+                if isinstance(v, (int, float)):
+                    sums[r["prompt"]][k].append(v)
+        return {p: {k: sum(v) / len(v) for k, v in d.items()} for p, d in sums.items()}
+
+    before, after = means(base), means(tuned)
+    names = list(dict.fromkeys(k for d in before.values() for k in d))
+    head = "".join(f"<th>{html.escape(n)} base</th><th>{html.escape(n)} tuned</th>" for n in names)
+    body = ""
+    for prompt in before:
+        cells = "".join(f"<td>{before[prompt].get(n, float('nan')):.4g}</td>"
+                        f"<td>{after.get(prompt, {}).get(n, float('nan')):.4g}</td>" for n in names)
+        body += f"<tr><td style='text-align:left'>{html.escape(prompt)}</td>{cells}</tr>"
+    return (f"<h2>Per prompt ({html.escape(last.parent.name)} against the base model)</h2>"
+            f"<table id='per-prompt'><tr><th>prompt</th>{head}</tr>{body}</table>")
+
+
+def _candidates(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    directory = run_dir / "samples" / f"iter_{records[-1]['iteration']:04d}"
+    rows = _eval_rows(directory)[:MAX_CANDIDATES]
+    if not rows:
+        return ""
+    title = (f"<h2>Candidates of iteration {records[-1]['iteration'] + 1}</h2>"
+             "<p>Outlined or bold: selected for fine-tuning.</p>")
+    if "file" in rows[0]:
+        figures = "".join(
+            f"<figure><img width='96' {'class=sel ' if r['selected'] else ''}alt='{html.escape(r['prompt'])}' "
+            f"src='{_image_uri(directory / r['file'])}'><figcaption>{_g(r['reward'])}</figcaption></figure>"
+            for r in rows if (directory / r["file"]).is_file())
+        return title + f"<div id='candidates'>{figures}</div>"
+    body = "".join(f"<tr><td>{_g(r['reward'])}</td><td style='text-align:left'>"
+                   f"{'<b>' if r['selected'] else ''}{html.escape(r['prompt'] + r['text'])}"
+                   f"{'</b>' if r['selected'] else ''}</td></tr>" for r in rows)
+    return title + f"<table id='candidates'><tr><th>reward</th><th>text</th></tr>{body}</table>"
+
+
+def _g(x: float | None) -> str:
+    return "dropped" if x is None else f"{x:.3g}"
