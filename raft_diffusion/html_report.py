@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import yaml
 from .config import ReportConfig
 from .errors import UserError
 from .flags import evaluations, find
+from .report import grid_image, last_eval_dir, rows
 from .run_dir import RunDirectory
 
 MAX_CANDIDATES = 64  # of the last iteration, shown as thumbnails or texts
@@ -87,8 +87,8 @@ def _curves(records: list[dict[str, Any]]) -> str:
     names = list(dict.fromkeys(k for _, e in evals for k in e))
     panels = [("trained reward", None)] + [(n, n) for n in names]
     cols = 3
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.6 * n_rows), squeeze=False)
     for ax, (title, name) in zip(axes.flat, panels):
         if name is None:
             its = [r["iteration"] + 1 for r in records]
@@ -111,30 +111,24 @@ def _curves(records: list[dict[str, Any]]) -> str:
     return f"<img id='curves' alt='curves' src='{uri}'>"
 
 
-def _eval_rows(directory: Path) -> list[dict[str, Any]]:
-    path = directory / "samples.jsonl"
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
-
-
-def _last_eval_dir(run_dir: Path) -> Path | None:
-    found = sorted(p.parent for p in (run_dir / "samples").glob("iter_*/eval/samples.jsonl"))
-    return found[-1] if found else None
-
-
 def _image_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _before_after(run_dir: Path) -> str:
-    from . import report
+def _pil_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
-    base, last = run_dir / "samples/base_eval", _last_eval_dir(run_dir)
-    rows = _eval_rows(base)
-    if not rows or last is None:
+
+def _before_after(run_dir: Path) -> str:
+    base, last = run_dir / "samples/base_eval", last_eval_dir(run_dir)
+    before = rows(base)
+    if not before or last is None:
         return ""
-    if "file" in rows[0]:
-        return f"<h2>Before and after</h2><img id='grid' alt='before/after grid' src='{_image_uri(report.grid(run_dir))}'>"
-    pairs = list(zip(rows, _eval_rows(last)))[:16]
+    if "file" in before[0]:
+        return f"<h2>Before and after</h2><img id='grid' alt='before/after grid' src='{_pil_uri(grid_image(run_dir))}'>"
+    pairs = list(zip(before, rows(last)))[:16]
     body = "".join(f"<tr><td style='text-align:left'>{html.escape(b['prompt'])}</td>"
                    f"<td style='text-align:left'>{html.escape(b['text'])}</td>"
                    f"<td style='text-align:left'>{html.escape(a['text'])}</td></tr>" for b, a in pairs)
@@ -143,14 +137,14 @@ def _before_after(run_dir: Path) -> str:
 
 
 def _per_prompt(run_dir: Path) -> str:
-    base, last = _eval_rows(run_dir / "samples/base_eval"), _last_eval_dir(run_dir)
+    base, last = rows(run_dir / "samples/base_eval"), last_eval_dir(run_dir)
     if not base or last is None:
         return ""
-    tuned = _eval_rows(last)
+    tuned = rows(last)
 
-    def means(rows):
+    def means(table):
         sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for r in rows:
+        for r in table:
             for k, v in {"reward": r.get("reward"), **r.get("scores", {})}.items():
                 if isinstance(v, (int, float)):
                     sums[r["prompt"]][k].append(v)
@@ -170,20 +164,20 @@ def _per_prompt(run_dir: Path) -> str:
 
 def _candidates(run_dir: Path, records: list[dict[str, Any]]) -> str:
     directory = run_dir / "samples" / f"iter_{records[-1]['iteration']:04d}"
-    rows = _eval_rows(directory)[:MAX_CANDIDATES]
-    if not rows:
+    shown = rows(directory)[:MAX_CANDIDATES]
+    if not shown:
         return ""
     title = (f"<h2>Candidates of iteration {records[-1]['iteration'] + 1}</h2>"
              "<p>Outlined or bold: selected for fine-tuning.</p>")
-    if "file" in rows[0]:
+    if "file" in shown[0]:
         figures = "".join(
             f"<figure><img width='96' {'class=sel ' if r['selected'] else ''}alt='{html.escape(r['prompt'])}' "
             f"src='{_image_uri(directory / r['file'])}'><figcaption>{_g(r['reward'])}</figcaption></figure>"
-            for r in rows if (directory / r["file"]).is_file())
+            for r in shown if (directory / r["file"]).is_file())
         return title + f"<div id='candidates'>{figures}</div>"
     body = "".join(f"<tr><td>{_g(r['reward'])}</td><td style='text-align:left'>"
                    f"{'<b>' if r['selected'] else ''}{html.escape(r['prompt'] + r['text'])}"
-                   f"{'</b>' if r['selected'] else ''}</td></tr>" for r in rows)
+                   f"{'</b>' if r['selected'] else ''}</td></tr>" for r in shown)
     return title + f"<table id='candidates'><tr><th>reward</th><th>text</th></tr>{body}</table>"
 
 

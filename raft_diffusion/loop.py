@@ -76,7 +76,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         with timed(seconds, "generate"), stopped_at(it), sampler(ema):  # 1. Sample (this process's share)
             samples = generate(backend, accelerator, *everyone, mine, trained=it > 0)
         with timed(seconds, "score"), stopped_at(it):  # 2. Score it; only the scores are gathered
-            scored = score(reward, accelerator, samples, groups, mine)
+            scored = score(reward, accelerator, samples, groups)
         check_drops(scored, config, it)
         chosen = select(scored.total, groups, config.selection.strategy,  # 3. Select (the same on every process)
                         config.selection.top, config.selection.fraction)
@@ -237,8 +237,7 @@ def generate(backend: Backend, accelerator: Accelerator, prompts: list[str], see
         backend.generate([prompts[i] for i in mine], [seeds[i] for i in mine], desc), trained))
 
 
-def score(reward: RewardSet, accelerator: Accelerator, samples: Samples, groups: Sequence[int],
-          mine: range) -> Scored:
+def score(reward: RewardSet, accelerator: Accelerator, samples: Samples, groups: Sequence[int]) -> Scored:
     """Every sample's scores: each process scores its share, and only the scores travel."""
     parts, errors = together(accelerator, lambda: reward.raw(samples.outputs, samples.prompts))
     if accelerator.num_processes > 1:
@@ -288,8 +287,8 @@ def evaluate(config: RunConfig, backend: Backend, reward: RewardSet, judges: Rew
     mine = share(len(groups), accelerator.num_processes, accelerator.process_index)
     samples = generate(backend, accelerator, *everyone, mine, desc="eval",
                        trained=name != "base" and not name.startswith("reference"))
-    scored = score(reward, accelerator, samples, groups, mine)
-    judged = score(judges, accelerator, samples, groups, mine) if judges.specs else None
+    scored = score(reward, accelerator, samples, groups)
+    judged = score(judges, accelerator, samples, groups) if judges.specs else None
     result = {"reward": nanmean(scored.total)}
     result.update({k: nanmean(v) for k, v in eval_parts(scored, judged).items()})
     result.update(backend.eval_metrics(samples))  # e.g. text: perplexity under the base model, diversity

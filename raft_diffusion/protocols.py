@@ -21,12 +21,6 @@ def take(items: Any, indices: Sequence[int]) -> Any:
     return [items[i] for i in indices]
 
 
-def concat(parts: Sequence[Any]) -> Any:
-    if parts and isinstance(parts[0], torch.Tensor):
-        return torch.cat(list(parts))
-    return [x for p in parts for x in p]
-
-
 @dataclass
 class Samples:
     """A batch of generated candidates: what rewards read, and what the backend trains on."""
@@ -45,15 +39,6 @@ class Samples:
             seeds=[self.seeds[i] for i in indices],
             outputs=take(self.outputs, indices),
             payload={k: take(v, indices) for k, v in self.payload.items()},
-        )
-
-    @staticmethod
-    def join(parts: Sequence["Samples"]) -> "Samples":
-        return Samples(
-            prompts=[p for s in parts for p in s.prompts],
-            seeds=[x for s in parts for x in s.seeds],
-            outputs=concat([s.outputs for s in parts]),
-            payload={k: concat([s.payload[k] for s in parts]) for k in parts[0].payload},
         )
 
 

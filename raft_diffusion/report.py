@@ -52,22 +52,30 @@ def _fmt(x: float | None) -> str:
     return f"{'n/a':>9}" if x is None else f"{x:9.4f}"
 
 
+def last_eval_dir(run_dir: Path) -> Path | None:
+    """samples/iter_NNNN/eval of the last evaluated iteration, if any."""
+    found = sorted(p.parent for p in (Path(run_dir) / "samples").glob("iter_*/eval/samples.jsonl"))
+    return found[-1] if found else None
+
+
 def _eval_dirs(run_dir: Path) -> tuple[Path, Path]:
-    last = sorted(p.parent for p in (run_dir / "samples").glob("iter_*/eval/samples.jsonl"))
-    if not (run_dir / "samples/base_eval/samples.jsonl").is_file() or not last:
+    last = last_eval_dir(run_dir)
+    if not (run_dir / "samples/base_eval/samples.jsonl").is_file() or last is None:
         raise ValueError(f"{run_dir} has no base and final evaluation samples")
-    return run_dir / "samples/base_eval", last[-1]
+    return run_dir / "samples/base_eval", last
 
 
-def _rows(directory: Path) -> list[dict]:
-    return [json.loads(x) for x in (directory / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+def rows(directory: Path) -> list[dict]:
+    """The rows of `directory`/samples.jsonl; none when it has no such file."""
+    path = directory / "samples.jsonl"
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
 def before_after_samples(run_dir: str | Path) -> Path:
     """The base model's eval samples beside the tuned model's: `before_after.png` for images,
     `before_after.md` for texts."""
     base, _ = _eval_dirs(Path(run_dir))
-    first = _rows(base)[0]
+    first = rows(base)[0]
     return grid(run_dir) if "file" in first else texts(run_dir)
 
 
@@ -76,7 +84,7 @@ def texts(run_dir: str | Path, limit: int | None = None) -> Path:
     model's, each with its scores."""
     run_dir = Path(run_dir)
     base, tuned = _eval_dirs(run_dir)
-    pairs = list(zip(_rows(base), _rows(tuned)))[:limit]
+    pairs = list(zip(rows(base), rows(tuned)))[:limit]
     lines = [f"# Before and after: {run_dir.name}", "",
              f"Base model (`{base.relative_to(run_dir)}`) and tuned model (`{tuned.relative_to(run_dir)}`), "
              "same prompts and seeds.", ""]
@@ -96,10 +104,17 @@ def _quote(text: str) -> str:
 
 def grid(run_dir: str | Path, per_row: int = 8, max_rows: int = 4, scale: int = 2) -> Path:
     """`before_after.png`: base-model eval images above the tuned model's, same prompts and seeds."""
+    out = Path(run_dir) / "before_after.png"
+    grid_image(run_dir, per_row, max_rows, scale).save(out)
+    return out
+
+
+def grid_image(run_dir: str | Path, per_row: int = 8, max_rows: int = 4, scale: int = 2) -> Image.Image:
+    """The before/after grid of `grid`, as an image."""
     run_dir = Path(run_dir)
     base, tuned = _eval_dirs(run_dir)
-    rows = _rows(base)[: per_row * max_rows]
-    names = [r["file"] for r in rows]
+    shown = rows(base)[: per_row * max_rows]
+    names = [r["file"] for r in shown]
     before = [np.asarray(Image.open(base / n).convert("RGB")) for n in names]
     after = [np.asarray(Image.open(tuned / n).convert("RGB")) for n in names]
     h, w, _ = before[0].shape
@@ -113,6 +128,4 @@ def grid(run_dir: str | Path, per_row: int = 8, max_rows: int = 4, scale: int = 
         for i, image in enumerate(images):
             x, y = (i % per_row) * (w + gap) * scale, top + label + (i // per_row) * (h + gap) * scale
             canvas.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST), (x, y))
-    out = run_dir / "before_after.png"
-    canvas.save(out)
-    return out
+    return canvas

@@ -50,9 +50,7 @@ def _first_difference(a: Any, b: Any, path: tuple = ()) -> tuple | None:
             if found is not None:
                 return found
         return None
-    if path in RESUMABLE_CHANGES or a == b:
-        return None
-    return path
+    return None if a == b else path
 
 
 def _ours(name: str) -> bool:

@@ -18,6 +18,7 @@ from raft_diffusion.objectives import Targets
 from raft_diffusion.protocols import Samples
 
 from .conftest import REPO, TINY_CONFIG, deep_update, run_cli, write_yaml
+from .test_resume import _metrics
 
 
 class FakeAccelerator:
@@ -121,13 +122,6 @@ def _kill_tree(pid: int) -> None:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-
-
-def _metrics(run: Path) -> list[dict]:
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
 
 
 def _lora(run: Path) -> bytes:

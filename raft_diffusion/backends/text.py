@@ -321,8 +321,8 @@ class TextBackend:
         prompt_ids, response_ids = samples.payload.get("prompt_ids", []), samples.payload.get("response_ids", [])
         if self.accelerator.num_processes == 1:
             keep = [i for i in range(len(samples)) if response_ids[i]]
-        else:  # every process steps alike: an empty response stays, with no tokens to weigh
-            keep = list(range(len(samples))) if any(response_ids) else []
+        else:  # every process steps alike (the loop gave each as many samples): an empty response
+            keep = list(range(len(samples)))  # stays, with no tokens to weigh
         if not keep:
             return math.nan
         totals = [0.0, 0]  # summed NLL and count of the response tokens trained on
