@@ -181,6 +181,25 @@ class ReportConfig(_Strict):
                                    "by more than this share of its base value")
 
 
+class LoggingConfig(_Strict):
+    report_to: list[str] = Field(
+        default_factory=list, description="experiment trackers, through accelerate: tensorboard, wandb, mlflow, "
+        "... (default none); scalars every iteration, the eval grid or texts at each evaluation")
+    project: str = Field("raft-diffusion", min_length=1, description="the trackers' project name "
+                         "(TensorBoard writes RUN_DIR/logs/PROJECT)")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        from accelerate.utils import LoggerType
+
+        known = [t.value for t in LoggerType if t.value != "all"]
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown tracker {name!r}; accelerate knows {', '.join(known)}")
+        return list(dict.fromkeys(names))
+
+
 class CheckpointConfig(_Strict):
     keep_last: int = Field(2, gt=0, description="iteration checkpoints kept on disk")
 
@@ -209,6 +228,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
     report: ReportConfig = Field(default_factory=ReportConfig, description="what the run report flags")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="experiment trackers")
     output_dir: str = Field("runs/raft", min_length=1, description="run directory")
 
     @model_validator(mode="after")

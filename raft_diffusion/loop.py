@@ -35,6 +35,7 @@ from .protocols import Backend, Samples
 from .rewards.compose import RewardSet, Scored, nanmean
 from .run_dir import RunDirectory
 from .selection import select
+from .trackers import log_iteration
 
 
 def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
@@ -99,6 +100,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         rng = gather(accelerator, rng_state(generator))  # every process's random streams
         if main:
             run.append_metrics(record)
+            log_iteration(accelerator, run.path, record, warn=log)
             save_checkpoint(run.checkpoints, it, backend, state, rng, config.checkpoint.keep_last, ema)
         accelerator.wait_for_everyone()
         if main:

@@ -32,11 +32,12 @@ except ImportError:  # Windows: fall back to an O_EXCL pid file
     fcntl = None
 
 # Fields a resumed run may change: how long it runs, and where it lives.
-RESUMABLE_CHANGES = {("raft", "iterations"), ("output_dir",), ("report",)}  # report.*: what the report flags
+# report.*: what the report flags; logging.*: where the numbers are also sent
+RESUMABLE_CHANGES = {("raft", "iterations"), ("output_dir",), ("report",), ("logging",)}
 # Everything a run writes at the top of its directory; nothing else is ever removed.
 RUN_ENTRIES = frozenset({
     "config.yaml", "run.json", "metrics.jsonl", "samples", "checkpoints", "final", ".lock",
-    "before_after.png", "before_after.md", "reference.json", "report.html",
+    "before_after.png", "before_after.md", "reference.json", "report.html", "logs",
 })
 TEMPORARY_PREFIXES = (".tmp-", ".old-")  # write_dir_atomically's leftovers after a kill
 

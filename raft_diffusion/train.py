@@ -15,6 +15,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from . import trackers
 from .config import RunConfig, config_to_yaml
 from .errors import UserError
 from .precision import check_launcher
@@ -49,6 +50,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     check_memory(config, len(eval_prompts))
     check_launcher(config.training.mixed_precision)
     check_processes(config, len(eval_prompts))
+    trackers.check_installed(config)
     run = RunDirectory(config.output_dir)
     config_yaml = config_to_yaml(config)
     main = os.environ.get("RANK", "0") == "0"  # other ranks of a multi-process run only read it
@@ -69,6 +71,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
             ema = config.training.ema_decay
             run.open(mode, config_yaml, command,
                      f"the EMA of the LoRA (decay {ema})" if ema else "the LoRA as last trained")
+        trackers.start(accelerator, config)
         accelerator.wait_for_everyone()
         metrics = raft(config, backend, reward, judges, run, accelerator, train_prompts, eval_prompts, log,
                        resume=mode == "resume" and resume)
@@ -76,6 +79,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
             after()
         return metrics
     finally:
+        trackers.end(accelerator)
         run.close()
 
 
@@ -147,7 +151,7 @@ def _build(config: RunConfig):
     from .rewards.compose import RewardSet
 
     # training.mixed_precision is the backends' own (precision.py): accelerate would scale fp16 a second time.
-    accelerator = Accelerator(mixed_precision="no", cpu=not _cuda_wanted())
+    accelerator = Accelerator(mixed_precision="no", cpu=not _cuda_wanted(), **trackers.accelerator_options(config))
     set_seed(config.raft.seed)  # python, numpy and torch: the LoRA's initial weights come from here
     backend = build_backend(config, accelerator)  # loads the model; checks resolution, LoRA targets
     dtype = getattr(torch, config.model.dtype)  # rewards run on the run's device and dtype
