@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-deps install clean
+.PHONY: demo test bench bench-deps install chromium clean
 
 install: $(STAMP)
 
@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/raft-diffusion demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# tests/test_browser.py opens report.html in Debian's chromium: installed here when missing (as root, with
+# apt-get). Without it that test skips, and fails under CI=true.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && echo "installing Debian's chromium for tests/test_browser.py" \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "chromium is missing and could not be installed: tests/test_browser.py will skip"
 
 bench: $(STAMP)
 	$(BIN)/python bench/iteration.py

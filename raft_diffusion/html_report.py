@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ def _curves(records: list[dict[str, Any]]) -> str:
     from matplotlib.ticker import MaxNLocator
 
     evals = evaluations(records)
-    names = list(dict.fromkeys(k for _, e in evals for k in e))
+    names = list(dict.fromkeys(k for _, e in evals for k, v in e.items()  # only metrics with a value to draw
+                               if isinstance(v, (int, float)) and math.isfinite(v)))
     panels = [("trained reward", None)] + [(n, n) for n in names]
     cols = 3
     n_rows = -(-len(panels) // cols)

@@ -120,6 +120,7 @@ def grid_image(run_dir: str | Path, per_row: int = 8, max_rows: int = 4, scale: 
     h, w, _ = before[0].shape
     gap, label = 4, 14
     n_rows = -(-len(names) // per_row)
+    per_row = min(per_row, len(names))  # no blank columns when there are fewer images than a row
     canvas = Image.new("RGB", (per_row * (w + gap) * scale, 2 * (n_rows * (h + gap) * scale + label)), "white")
     draw = ImageDraw.Draw(canvas)
     for block, (title, images) in enumerate((("before", before), ("after", after))):
