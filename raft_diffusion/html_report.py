@@ -78,10 +78,9 @@ def _png(fig) -> str:
 
 
 def _curves(records: list[dict[str, Any]]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: no backend is switched and no global figure is left behind,
+    # so a notebook that runs training keeps its inline plots.
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     evals = evaluations(records)
@@ -90,7 +89,8 @@ def _curves(records: list[dict[str, Any]]) -> str:
     panels = [("trained reward", None)] + [(n, n) for n in names]
     cols = 3
     n_rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.6 * n_rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 2.6 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
     for ax, (title, name) in zip(axes.flat, panels):
         if name is None:
             its = [r["iteration"] + 1 for r in records]
@@ -109,7 +109,6 @@ def _curves(records: list[dict[str, Any]]) -> str:
         ax.axis("off")
     fig.tight_layout()
     uri = _png(fig)
-    plt.close(fig)
     return f"<img id='curves' alt='curves' src='{uri}'>"
 
 
