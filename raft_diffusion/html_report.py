@@ -38,14 +38,20 @@ def write(run_dir: str | Path) -> Path:
     config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
     config = yaml.safe_load(config_text) or {}
     flags = find(records, ReportConfig.model_validate(config.get("report") or {}))
+    # Rewards normalised per prompt or batch sum to a mean of 0 by construction: a flat line of rounding
+    # noise (1e-17) that says nothing. Their parts, raw, are drawn instead.
+    normalised = any(isinstance(r, dict) and r.get("normalize", "none") != "none" for r in config.get("rewards") or [])
+    skip = {"reward"} if normalised else set()
     parts = [
         f"<h1>{html.escape(run_dir.resolve().name)}</h1>",
         f"<p>{len(records)} iterations; backend {html.escape(str(config.get('backend', '?')))}, model "
         f"{html.escape(str((config.get('model') or {}).get('path', '?')))}</p>",
         _flags(flags),
-        "<h2>Curves</h2>", _curves(records),
+        "<h2>Curves</h2>", _curves(records, skip),
+        "<p>The combined reward of the held-out samples is not drawn: its rewards are normalised, so its "
+        "mean is 0 by construction; each reward is drawn raw.</p>" if skip else "",
         _before_after(run_dir),
-        _per_prompt(run_dir),
+        _per_prompt(run_dir, skip),
         _candidates(run_dir, records),
         "<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>",
     ]
@@ -77,7 +83,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _curves(records: list[dict[str, Any]]) -> str:
+def _curves(records: list[dict[str, Any]], skip: set[str] = frozenset()) -> str:
     # A Figure of its own, not pyplot: no backend is switched and no global figure is left behind,
     # so a notebook that runs training keeps its inline plots.
     from matplotlib.figure import Figure
@@ -85,7 +91,7 @@ def _curves(records: list[dict[str, Any]]) -> str:
 
     evals = evaluations(records)
     names = list(dict.fromkeys(k for _, e in evals for k, v in e.items()  # only metrics with a value to draw
-                               if isinstance(v, (int, float)) and math.isfinite(v)))
+                               if isinstance(v, (int, float)) and math.isfinite(v) and k not in skip))
     panels = [("trained reward", None)] + [(n, n) for n in names]
     cols = 3
     n_rows = -(-len(panels) // cols)
@@ -137,7 +143,7 @@ def _before_after(run_dir: Path) -> str:
             + body + "</table>")
 
 
-def _per_prompt(run_dir: Path) -> str:
+def _per_prompt(run_dir: Path, skip: set[str] = frozenset()) -> str:
     base, last = rows(run_dir / "samples/base_eval"), last_eval_dir(run_dir)
     if not base or last is None:
         return ""
@@ -152,7 +158,7 @@ def _per_prompt(run_dir: Path) -> str:
         return {p: {k: sum(v) / len(v) for k, v in d.items()} for p, d in sums.items()}
 
     before, after = means(base), means(tuned)
-    names = list(dict.fromkeys(k for d in before.values() for k in d))
+    names = list(dict.fromkeys(k for d in before.values() for k in d if k not in skip))
     head = "".join(f"<th>{html.escape(n)} base</th><th>{html.escape(n)} tuned</th>" for n in names)
     body = ""
     for prompt in before:

@@ -52,3 +52,13 @@ def test_report_of_a_directory_without_metrics_is_a_user_error(tmp_path, capsys)
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: RUN_DIR: ")
     assert not (tmp_path / "empty/report.html").exists()
+
+
+def test_a_reward_normalised_per_prompt_is_not_drawn_as_a_flat_zero(tmp_path):
+    run = _fake_run(tmp_path / "run", HEALTHY)
+    (run / "config.yaml").write_text("rewards:\n- {name: clip, normalize: per_prompt}\n")
+    assert main(["report", str(run)]) == 0
+    assert "its rewards are normalised, so its mean is 0 by construction" in (run / "report.html").read_text()
+    (run / "config.yaml").write_text("rewards:\n- {name: clip, normalize: none}\n")
+    assert main(["report", str(run)]) == 0
+    assert "by construction" not in (run / "report.html").read_text()
