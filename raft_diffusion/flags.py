@@ -7,8 +7,9 @@ meaning what the user wanted (thresholds: the config's `report` section):
   held-out judge fell by more than `judge_drop` of its base value;
 - **diversity / perplexity**: a diversity metric fell, or the perplexity under the base model
   rose, by more than `diversity_drop` / `perplexity_rise` of its base value (text runs);
-- **collapse**: an eval metric rose to a peak and ended more than `collapse_drop` of that gain
-  below it (the monet-cat run at 35% held-out at iteration 4 and 8% at 12).
+- **collapse**: a reward or judge on the eval samples rose to a peak and ended more than
+  `collapse_drop` of that gain below it (the monet-cat run at 35% held-out at iteration 4 and 8%
+  at 12). Not the diversity metrics or the perplexity: a collapse of theirs is the rule above.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from typing import Any
 from .config import ReportConfig
 
 DIVERSITY = ("distinct-1", "distinct-2", "unique-2", "msttr")
-LOWER_IS_BETTER = ("perplexity",)
-BACKEND_METRICS = (*DIVERSITY, *LOWER_IS_BETTER)
+BACKEND_METRICS = (*DIVERSITY, "perplexity")
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,16 @@ def find(records: Sequence[dict[str, Any]], cfg: ReportConfig | None = None) -> 
     for name in DIVERSITY:
         pair = change(name)
         if pair and pair[0] - pair[1] > cfg.diversity_drop * abs(pair[0]):
-            flags.append(Flag("diversity", name, f"diversity {name} fell from {pair[0]:.4g} to {pair[1]:.4g} "
+            flags.append(Flag("diversity", name, f"{name} fell from {pair[0]:.4g} to {pair[1]:.4g} "
                               f"(by {1 - pair[1] / pair[0]:.0%}): the outputs are becoming alike"))
     pair = change("perplexity")
     if pair and pair[1] - pair[0] > cfg.perplexity_rise * abs(pair[0]):
         flags.append(Flag("perplexity", "perplexity", f"perplexity under the base model rose from {pair[0]:.4g} "
                           f"to {pair[1]:.4g}: the outputs are drifting away from fluent text"))
     for name in names:
-        sign = -1.0 if name in LOWER_IS_BETTER else 1.0
-        series = [(it, sign * e[name]) for it, e in evals if _finite(e.get(name))]
+        if name in BACKEND_METRICS:  # diversity and perplexity have their own rules above
+            continue
+        series = [(it, e[name]) for it, e in evals if _finite(e.get(name))]
         if len(series) < 3 or series[0][0] != 0:
             continue
         start = series[0][1]
@@ -92,8 +93,8 @@ def find(records: Sequence[dict[str, Any]], cfg: ReportConfig | None = None) -> 
         end_it, end = series[-1]
         gain = peak - start
         if gain > 0 and peak_it < end_it and peak - end > cfg.collapse_drop * gain:
-            flags.append(Flag("collapse", name, f"{name} peaked at {sign * peak:.4g} at iteration {peak_it} and "
-                              f"ended at {sign * end:.4g} at iteration {end_it}, giving back {(peak - end) / gain:.0%} "
-                              f"of its gain over the base model ({sign * start:.4g}): a checkpoint near iteration "
+            flags.append(Flag("collapse", name, f"{name} peaked at {peak:.4g} at iteration {peak_it} and "
+                              f"ended at {end:.4g} at iteration {end_it}, giving back {(peak - end) / gain:.0%} "
+                              f"of its gain over the base model ({start:.4g}): a checkpoint near iteration "
                               f"{peak_it} is the better adapter"))
     return flags

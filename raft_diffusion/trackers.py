@@ -13,6 +13,7 @@ metrics.jsonl stays the record; the trackers are a view of it. Only the main pro
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,5 +165,12 @@ def tile(images: list[Image.Image], per_row: int = 8, gap: int = 2) -> Image.Ima
 
 
 def end(accelerator) -> None:
-    if accelerator.trackers:
-        accelerator.end_training()
+    """Close the trackers (flush TensorBoard, finish the W&B run). Not accelerator.end_training(): that
+    also destroys the process group, which a demo's `after` and the other processes may still need."""
+    for tracker in accelerator.trackers:
+        try:
+            tracker.finish()
+        except Exception as e:  # noqa: BLE001 - the run's own results are written; say what the tracker lost
+            print(f"warning: tracker {tracker.name} did not close ({type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0]})", file=sys.stderr)
+    accelerator.trackers = []

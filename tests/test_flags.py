@@ -65,3 +65,14 @@ def test_a_healthy_run_raises_no_flag():
 @pytest.mark.parametrize("records", [[], _records([{"reward": 1.0}], before=None)])
 def test_runs_without_a_base_evaluation_raise_no_flag(records):
     assert find(records) == []
+
+
+def test_collapse_is_for_rewards_and_judges_not_the_backend_metrics():
+    # the text demo run on to 10 iterations: unique-2 went 857 -> 860 -> 300 and perplexity 13.8 -> 6.2 -> 9.6;
+    # the diversity rule says what happened, a "collapse" of 18667% of a 3-bigram gain would not
+    evals = [{"vader": 0.04, "unique-2": 857, "perplexity": 13.8}, {"vader": 0.3, "unique-2": 860, "perplexity": 6.2},
+             {"vader": 0.98, "unique-2": 300, "perplexity": 9.6}]
+    records = [{"iteration": i, "rewards": {"vader": e["vader"]}, "eval": e} for i, e in enumerate(evals[1:])]
+    records[0]["eval_before"] = evals[0]
+    flags = find(records)
+    assert [(f.kind, f.metric) for f in flags] == [("diversity", "unique-2")]

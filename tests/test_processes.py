@@ -132,8 +132,11 @@ def test_two_processes_generate_the_same_samples_as_one(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", deep_update(CONFIG, {"raft": {"iterations": 1}}))
     one = run_cli("train", str(config), "--output-dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    two = _launch(TORCHRUN, config, tmp_path / "two")
+    two = _launch(TORCHRUN, config, tmp_path / "two", "--set", "logging.report_to=[tensorboard]")
     assert two.returncode == 0, two.stderr[-2000:]
+    # Trackers: process 0 alone writes them, and the processes still finish together.
+    (events,) = (tmp_path / "two/logs/raft-diffusion").glob("events.out.tfevents.*")
+    assert b"train/reward_mean" in events.read_bytes() and b"eval/samples" in events.read_bytes()
 
     def rows(run, name):
         return [json.loads(x) for x in (tmp_path / run / f"samples/{name}/samples.jsonl").read_text().splitlines()]
