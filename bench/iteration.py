@@ -73,7 +73,7 @@ def naive(backend: DiffusionBackend, unique_prompts, k, seed, reward) -> dict[st
     chosen = select_per_prompt(scores, [i // k for i in range(len(prompts))], 1)
     start = _now()
     generator = torch.Generator().manual_seed(0)
-    unet, sched = backend.unet, backend.noise_scheduler
+    unet, sched = backend.denoiser, backend.noise_scheduler
     unet.train()
     for _ in range(cfg.training.epochs):
         order = [chosen[i] for i in torch.randperm(len(chosen), generator=generator).tolist()]
@@ -89,7 +89,7 @@ def naive(backend: DiffusionBackend, unique_prompts, k, seed, reward) -> dict[st
             ts = torch.randint(0, sched.config.num_train_timesteps, (len(batch),), generator=generator).to(backend.device)
             with backend.precision.autocast():  # the same precision as ours
                 pred = unet(sched.add_noise(x0, noise, ts), ts, encoder_hidden_states=text).sample
-            target = noise if backend.prediction_type == "epsilon" else sched.get_velocity(x0, noise, ts)
+            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, ts)
             loss = F.mse_loss(pred.float(), target.float())
             backend.accelerator.backward(backend.precision.scale(loss))
             backend.precision.step(backend.optimizer)

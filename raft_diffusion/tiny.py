@@ -1,15 +1,26 @@
-"""Tiny Stable Diffusion pipelines built from configs: same classes as SD 1.x, a few MB of weights.
+"""Tiny Stable Diffusion pipelines built from configs: same classes as SD 1.x and SD 3, a few MB of weights.
 
 They are what tests and the CPU demo run on when real weights cannot be downloaded. Every part is
-the real diffusers / transformers class (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
-DDIMScheduler) and the tokenizer is the real CLIP BPE, so the code paths are the ones SD 1.5 uses.
+the real diffusers / transformers class (UNet2DConditionModel or SD3Transformer2DModel,
+AutoencoderKL, CLIPTextModel(WithProjection), DDIM or FlowMatchEulerDiscrete scheduler) and the
+tokenizer is the real CLIP BPE, so the code paths are the ones SD 1.5 and SD 3.5 use. The tiny SD3
+has no T5 encoder (no T5 tokenizer ships in a package here); SD 3 supports that configuration, and
+the pipeline feeds zeros in the T5 embedding's place.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .tokenizer import clip_tokenizer
 
@@ -46,7 +57,8 @@ def tiny_vae(latent_scale: int = 8) -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(hidden_size: int = 32, layers: int = 2) -> CLIPTextModel:
+def tiny_text_encoder(hidden_size: int = 32, layers: int = 2, projection: bool = False) -> CLIPTextModel:
+    """A small CLIP text tower; with `projection`, the CLIPTextModelWithProjection that SD 3 pools."""
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=hidden_size,
@@ -57,8 +69,9 @@ def tiny_text_encoder(hidden_size: int = 32, layers: int = 2) -> CLIPTextModel:
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
+        **({"projection_dim": hidden_size} if projection else {}),
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
@@ -124,3 +137,48 @@ def sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> S
     for part in (pipe.vae, pipe.text_encoder, pipe.unet):
         part.eval()
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_sd3_transformer(text_dims: tuple[int, int] = (32, 32), sample_size: int = 32, in_channels: int = 4,
+                         layers: int = 2, heads: int = 4, head_dim: int = 8) -> SD3Transformer2DModel:
+    """SD 3's MMDiT, small: joint attention over the image patches and the prompt's tokens, the
+    pooled CLIP embeddings of both encoders as `pooled_projections`."""
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=in_channels,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=sum(text_dims),  # the two CLIP encoders' hidden states, side by side
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=sum(text_dims),
+        out_channels=in_channels,
+        pos_embed_max_size=sample_size,
+    )
+
+
+def flow_scheduler(shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
+    """SD 3's sampler: Euler steps of the flow, timesteps shifted towards noise by `shift`."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def tiny_sd3_pipeline(seed: int = 0, latent_scale: int = 8) -> StableDiffusion3Pipeline:
+    """A random tiny SD3-architecture pipeline, identical for the same arguments; no T5."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = tiny_text_encoder(projection=True)
+        text_encoder_2 = tiny_text_encoder(hidden_size=32, layers=2, projection=True)
+        dims = (text_encoder.config.hidden_size, text_encoder_2.config.hidden_size)
+        transformer = tiny_sd3_transformer(dims)
+        vae = tiny_vae(latent_scale)
+    vae.register_to_config(shift_factor=0.0)  # SD 3's decode adds it back after unscaling
+    tokenizer = clip_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=flow_scheduler(), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
+        part.eval()
+    return pipe

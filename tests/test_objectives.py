@@ -75,10 +75,10 @@ def _anchor_gap(backend) -> float:
     """The squared difference between the LoRA's and the base model's prediction on a fixed input."""
     g = torch.Generator().manual_seed(1)
     noisy = torch.randn(2, 4, 8, 8, generator=g)
-    text = backend.empty_embeds.repeat(2, 1, 1)
+    text = {k: v.repeat(2, *([1] * (v.ndim - 1))) for k, v in backend.empty_embeds.items()}
     t = torch.tensor([100, 500])
     with torch.no_grad():
-        pred = backend._unet()(noisy, t, encoder_hidden_states=text).sample
+        pred = backend.family.predict(backend._denoiser(), noisy, t, text)
     return float(((pred - backend._base_prediction(noisy, t, text)) ** 2).mean())
 
 
@@ -90,7 +90,7 @@ def test_diffusion_anchor_is_zero_at_start_and_positive_after_a_step(tiny_config
     assert _anchor_gap(backend) > 0.0
     # The anchor is part of the loss: with it, the same step costs more than without.
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    x0, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+    x0, text = samples.payload["latents"], {"prompt_embeds": samples.payload["prompt_embeds"]}
     with torch.no_grad():
         anchored = backend._loss(x0, text, g(), per_sample=True)
         backend.config.training.anchor_weight = 0.0
@@ -101,7 +101,7 @@ def test_diffusion_anchor_is_zero_at_start_and_positive_after_a_step(tiny_config
 def test_weighted_diffusion_loss_is_the_weighted_mean_of_per_sample_losses(tiny_config):
     backend = _diffusion_backend(tiny_config)
     samples = backend.generate(["a red square", "a blue star", "a green heart"], [1, 2, 3])
-    x0, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+    x0, text = samples.payload["latents"], {"prompt_embeds": samples.payload["prompt_embeds"]}
     with torch.no_grad():
         per = backend._loss(x0, text, torch.Generator().manual_seed(3), per_sample=True)
         whole = backend._loss(x0, text, torch.Generator().manual_seed(3))
@@ -244,12 +244,12 @@ def test_negative_aware_with_r_1_is_a_positive_loss_on_the_mixed_policy(tiny_con
     negative = (((1.3 * old - 0.3 * pred) - target) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(backend._negative_aware(pred, old, target, 0 * ones), negative)
     # In the backend, the old policy is the EMA: its prediction differs from the trained LoRA's.
-    x0, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+    x0, text = samples.payload["latents"], {"prompt_embeds": samples.payload["prompt_embeds"]}
     t = torch.tensor([300, 600])
     noisy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert not torch.allclose(backend._old_prediction(noisy, t, text),
-                                  backend._unet()(noisy, t, encoder_hidden_states=text).sample)
+                                  backend.family.predict(backend._denoiser(), noisy, t, text))
 
 
 def test_negative_aware_run_trains_and_resumes_exactly(tiny_config, tmp_path):

@@ -37,11 +37,18 @@ OBJECTIVES = {
     "negative_aware-ema": {"objective": "negative_aware", "ema_decay": 0.5},
     "raft-fp16": {"mixed_precision": "fp16"},  # the loss scaler's state comes back too
 }
+# The same on a flow-matching model (SD 3's architecture, LoRA on the transformer): its logit-normal
+# sigmas come from the same training generator.
+SD3 = {"model": {"path": "builtin:tiny-sd3"},
+       "lora": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out"]}}
+RUNS = {**{name: {"training": training} for name, training in OBJECTIVES.items()},
+        "sd3-reward_weighted-ema-anchor": {**SD3, "training": OBJECTIVES["reward_weighted-ema-anchor"]},
+        "sd3-negative_aware-ema": {**SD3, "training": OBJECTIVES["negative_aware-ema"]}}
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("objective", list(RUNS))
 def test_resume_after_kill_matches_uninterrupted(tmp_path, objective):
-    config = write_yaml(tmp_path / "config.yaml", deep_update(CONFIG, {"training": OBJECTIVES[objective]}))
+    config = write_yaml(tmp_path / "config.yaml", deep_update(CONFIG, RUNS[objective]))
     straight = tmp_path / "straight"
     done = run_cli("train", str(config), "--output-dir", str(straight))
     assert done.returncode == 0, done.stderr
@@ -69,7 +76,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, objective):
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert (killed / "final/pytorch_lora_weights.safetensors").read_bytes() == \
         (straight / "final/pytorch_lora_weights.safetensors").read_bytes()
-    if OBJECTIVES[objective].get("ema_decay"):
+    if RUNS[objective]["training"].get("ema_decay"):
         assert (killed / "checkpoints/iter_0002/ema.safetensors").is_file()
         assert "EMA" in json.loads((killed / "run.json").read_text())["final"]
     # The final adapter loads whole in plain diffusers (PEFT underneath), whatever trained it.
@@ -78,10 +85,12 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, objective):
     from .test_lora_roundtrip import _load_capturing_warnings
     from .test_run_directory import _fresh_pipeline
 
+    from raft_diffusion.backends.families import family_of
+
     pipe = _fresh_pipeline(load_config(config))
     messages = _load_capturing_warnings(pipe, killed / "final")
     assert not [m for m in messages if "missing keys" in m or "unexpected keys" in m], messages
-    assert pipe.unet.peft_config
+    assert getattr(pipe, family_of(pipe).denoiser).peft_config
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

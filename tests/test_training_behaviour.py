@@ -92,7 +92,7 @@ def test_same_seed_gives_same_sample_whatever_the_batch(tiny_config):
 
 def test_v_prediction_model_trains_on_the_velocity_target(tiny_config):
     backend = DiffusionBackend(tiny_config(model={"path": "builtin:tiny-sd-v"}), Accelerator(cpu=True))
-    assert backend.prediction_type == "v_prediction"
+    assert backend.noise_scheduler.config.prediction_type == "v_prediction"
     samples = backend.generate(["a cat"], [1])
     assert np.isfinite(backend.train(samples, torch.Generator().manual_seed(0)))
 
@@ -109,12 +109,13 @@ def test_caption_dropout_trains_a_share_of_samples_on_the_empty_prompt(tiny_conf
     backend = DiffusionBackend(tiny_config(training={"caption_dropout": 0.5}), Accelerator(cpu=True))
     empty = backend.pipe.encode_prompt([""], backend.device, 1, False)[0]
     text = backend.pipe.encode_prompt(["a cat"], backend.device, 1, False)[0].repeat(64, 1, 1)
-    dropped = backend._drop_captions(text, torch.Generator().manual_seed(0))
+    dropped = backend._drop_captions({"prompt_embeds": text}, torch.Generator().manual_seed(0))["prompt_embeds"]
     is_empty = torch.tensor([torch.equal(row, empty[0]) for row in dropped])
     kept = torch.tensor([torch.equal(row, original) for row, original in zip(dropped, text)])
     assert 16 <= int(is_empty.sum()) <= 48 and bool((is_empty ^ kept).all())
     backend.config.training.caption_dropout = 0.0
-    assert backend._drop_captions(text, torch.Generator().manual_seed(0)) is text
+    unchanged = {"prompt_embeds": text}
+    assert backend._drop_captions(unchanged, torch.Generator().manual_seed(0)) is unchanged
 
 
 def test_lora_dropout_never_acts_when_sampling_even_before_any_training(tiny_config):

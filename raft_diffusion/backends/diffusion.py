@@ -1,8 +1,11 @@
-"""Stable Diffusion 1.x/2.x with a PEFT LoRA on the UNet: generation and RAFT fine-tuning.
+"""Stable Diffusion 1.x/2.x and 3.x with a PEFT LoRA on the denoiser (UNet or MMDiT transformer):
+generation and RAFT fine-tuning.
 
-Every object is the diffusers one (`StableDiffusionPipeline`, its schedulers, `add_adapter`,
-`save_lora_weights`), so a diffusers user recognises all of it. Generation keeps each sample's
-final latents; fine-tuning trains on them directly, so the VAE never encodes during training.
+Every object is the diffusers one (`StableDiffusionPipeline` / `StableDiffusion3Pipeline`, their
+schedulers, `add_adapter`, `save_lora_weights`), so a diffusers user recognises all of it. What
+differs between the two families (prompt encoding, sampling call, training target, LoRA save) is
+in families.py. Generation keeps each sample's final latents; fine-tuning trains on them directly,
+so the VAE never encodes during training.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import (
     DDIMScheduler,
-    DDPMScheduler,
     DPMSolverMultistepScheduler,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
 )
 from peft import LoraConfig
@@ -34,12 +37,13 @@ from ..errors import UserError
 from ..paths import ASSETS
 from ..protocols import Samples
 from ..weights import canonicalize_safetensors, read_tensors
+from .families import FAMILIES, Cond, family_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ASSET_BUILTINS = {"toy-shapes": "toyworld/toy-shapes"}  # trained, shipped pipelines
 # tiny-*: random, built on the fly; sd15-random: SD 1.5's architecture with random weights (benchmarks)
-BUILTINS = ("tiny-sd", "tiny-sd-v", "sd15-random", *ASSET_BUILTINS)
+BUILTINS = ("tiny-sd", "tiny-sd-v", "tiny-sd3", "sd15-random", *ASSET_BUILTINS)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what save_adapter writes and load_lora_weights reads
 
@@ -54,7 +58,7 @@ def _looks_local(path: str) -> bool:
 
 def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None,
                   variant: str | None = None, field: str = "model.path") -> StableDiffusionPipeline:
-    """An SD pipeline from `builtin:NAME`, a local diffusers dir, a single file, or a hub id."""
+    """An SD 1.x/2.x or SD 3 pipeline from `builtin:NAME`, a local diffusers dir, a single file, or a hub id."""
     torch_dtype = DTYPES[dtype]
     if path.startswith("builtin:"):
         name = path[len("builtin:"):]
@@ -66,11 +70,12 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
                 raise UserError(field, f"the {name} weights are missing from {directory}",
                                 "rebuild them with: python -m raft_diffusion.toyworld.build")
             return load_pipeline(str(directory), dtype, field=field)
-        from ..tiny import sd15_random_pipeline, tiny_pipeline
+        from ..tiny import sd15_random_pipeline, tiny_pipeline, tiny_sd3_pipeline
 
         if name == "sd15-random":
             return sd15_random_pipeline(dtype=torch_dtype)
-        pipe = tiny_pipeline(prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
+        pipe = tiny_sd3_pipeline() if name == "tiny-sd3" else \
+            tiny_pipeline(prediction_type="v_prediction" if name == "tiny-sd-v" else "epsilon")
         return pipe if torch_dtype == torch.float32 else pipe.to(dtype=torch_dtype)
     local = Path(path).expanduser()
     if local.exists():
@@ -79,49 +84,86 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
                 if not local.name.endswith(SINGLE_FILE_SUFFIXES):
                     raise UserError(field, f"{path} is not a .safetensors or .ckpt checkpoint",
                                     "pass a diffusers directory or a single-file SD checkpoint")
-                return StableDiffusionPipeline.from_single_file(str(local), torch_dtype=torch_dtype)
+                return _single_file_class(local).from_single_file(str(local), torch_dtype=torch_dtype)
             if not (local / "model_index.json").is_file():
                 raise UserError(field, f"{path} has no model_index.json",
                                 "pass a directory saved by DiffusionPipeline.save_pretrained")
+            index = json.loads((local / "model_index.json").read_text())
+            family = _family_named(index.get("_class_name"), path, field)
             extra = {}
-            if not (local / "tokenizer").is_dir():
-                from ..tokenizer import clip_tokenizer
+            if family.pipeline_class is StableDiffusionPipeline:
+                extra = {"safety_checker": None, "requires_safety_checker": False}
+            else:  # components a pipeline saved as none (SD 3 without T5: text_encoder_3) are passed as None
+                extra = {name: None for name in family.optional_components
+                         if not (isinstance(index.get(name), list) and index[name][0] is not None)}
+            from ..tokenizer import clip_tokenizer
 
-                # SD 1.x's CLIP BPE, from open_clip's bundled vocabulary (the toy asset omits tokenizer/).
-                extra["tokenizer"] = clip_tokenizer()
-            return StableDiffusionPipeline.from_pretrained(
-                str(local), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **extra
-            )
+            # CLIP's BPE, from open_clip's bundled vocabulary, where the directory has no tokenizer
+            # of its own (the toy assets omit them)
+            for name in family.clip_tokenizers:
+                if not (local / name).is_dir():
+                    extra[name] = clip_tokenizer()
+            return family.pipeline_class.from_pretrained(str(local), torch_dtype=torch_dtype, **extra)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - report the loader's reason in one line
             raise UserError(field, f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                            "check that it is a Stable Diffusion 1.x/2.x checkpoint") from e
+                            "check that it is a Stable Diffusion 1.x/2.x or 3.x checkpoint") from e
     if _looks_local(path):
         raise UserError(field, f"model not found: {path}", "pass an existing directory, file or hub id")
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=torch_dtype, revision=revision, variant=variant,
-            safety_checker=None, requires_safety_checker=False,
-        )
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(path, revision=revision)  # model_index.json alone
     except Exception as e:  # noqa: BLE001 - offline machines end here
+        raise UserError(field, f"cannot load {path!r} from the hub: {type(e).__name__}",
+                        "check the id and your network, or pass a local directory") from e
+    family = _family_named(index.get("_class_name"), path, field)
+    extra = {"safety_checker": None, "requires_safety_checker": False} \
+        if family.pipeline_class is StableDiffusionPipeline else {}
+    try:
+        return family.pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, revision=revision,
+                                                     variant=variant, **extra)
+    except Exception as e:  # noqa: BLE001
         raise UserError(field, f"cannot load {path!r} from the hub: {type(e).__name__}",
                         "check the id and your network, or pass a local directory") from e
 
 
+def _family_named(class_name: str | None, path: str, field: str):
+    if class_name not in FAMILIES:
+        raise UserError(field, f"{path} is a {class_name or 'pipeline of no known class'}",
+                        "pass a Stable Diffusion 1.x/2.x or 3.x pipeline")
+    return FAMILIES[class_name]
+
+
+def _single_file_class(path: Path):
+    """SD 3's single files hold MMDiT joint blocks; anything else loads as SD 1.x/2.x."""
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                if any(".joint_blocks." in k for k in f.keys()):
+                    return StableDiffusion3Pipeline
+        except Exception:  # noqa: BLE001 - from_single_file says what is wrong with the file
+            pass
+    return StableDiffusionPipeline
+
+
 def make_scheduler(pipe: StableDiffusionPipeline, name: str):
-    return SCHEDULERS[name].from_config(pipe.scheduler.config)
+    """The sampler `name` (SD 1.x); a flow-matching model's own Euler scheduler (SD 3)."""
+    return family_of(pipe).sampler(pipe, name)
 
 
 def native_resolution(pipe: StableDiffusionPipeline) -> int:
-    """The image side the model was trained at: its UNet's latent side times the VAE's scale."""
-    size = pipe.unet.config.sample_size
-    return (size[0] if isinstance(size, (list, tuple)) else size) * pipe.vae_scale_factor
+    """The image side the model was trained at: its denoiser's latent side times the VAE's scale."""
+    return family_of(pipe).sample_size(pipe) * pipe.vae_scale_factor
 
 
 def check_resolution(pipe: StableDiffusionPipeline, resolution: int, field: str) -> None:
-    """Refuse an image side the model's latents cannot have: not a positive multiple of the VAE scale."""
-    scale = pipe.vae_scale_factor
+    """Refuse an image side the model's latents cannot have: not a positive multiple of the VAE scale
+    (times the transformer's patch size, for SD 3)."""
+    scale = family_of(pipe).latent_multiple(pipe)
     if resolution <= 0 or resolution % scale:
         lower, upper = resolution // scale * scale, max(1, -(-resolution // scale)) * scale
         what = f"{resolution} is not a multiple" if resolution > 0 else f"{resolution} pixels is not a positive multiple"
@@ -130,22 +172,25 @@ def check_resolution(pipe: StableDiffusionPipeline, resolution: int, field: str)
 
 
 def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lora") -> None:
-    """The LoRA saved in `directory` attached to `pipe`'s UNet, every layer of it, or a `UserError`.
+    """The LoRA saved in `directory` attached to `pipe`'s denoiser (UNet or transformer), every layer
+    of it, or a `UserError`.
 
     `pipe.load_lora_weights` leaves the layers it cannot place unattached, with a log line at most;
-    a user would then sample from part of the LoRA. Here every UNet tensor of the file must end up
-    in the loaded adapter, value for value.
+    a user would then sample from part of the LoRA. Here every denoiser tensor of the file must end
+    up in the loaded adapter, value for value.
     """
+    family = family_of(pipe)
+    denoiser = getattr(pipe, family.denoiser)
     path = Path(directory) / LORA_WEIGHTS
     try:  # a garbage or truncated file: one line, before diffusers sees it
         state = read_tensors(path, field)
     except UserError as e:
         raise UserError(field, e.problem, "pass a run's final/ directory, as training saved it") from None
-    expected = _unet_lora_tensors(state)
-    before = set(getattr(pipe.unet, "peft_config", {}))
+    expected = family.lora_tensors(state)
+    before = set(getattr(denoiser, "peft_config", {}))
     try:
         with _libraries_quiet():  # their partial-load notes are replaced by the verdict below
-            if _mixes_names(state):
+            if family.denoiser == "unet" and _mixes_names(state):
                 # Earlier raft-diffusion saved attention layers under diffusers' old names and the rest
                 # under PEFT's; diffusers reads one scheme per file, so rename them all to PEFT's.
                 StableDiffusionPipeline.load_lora_into_unet(
@@ -156,22 +201,15 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
     except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
         raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
                         "pass a LoRA trained on this --model") from None
-    added = [name for name in getattr(pipe.unet, "peft_config", {}) if name not in before]
-    attached = get_peft_model_state_dict(pipe.unet, adapter_name=added[0]) if added else {}
+    added = [name for name in getattr(denoiser, "peft_config", {}) if name not in before]
+    attached = get_peft_model_state_dict(denoiser, adapter_name=added[0]) if added else {}
     lost = [k for k, v in expected.items() if k not in attached or not torch.equal(attached[k].cpu(), v)]
     if not attached or lost:
         total = len(expected) or len(state)
         example = f" (e.g. {lost[0]})" if lost else ""
         raise UserError(field, f"{len(lost) or total} of {total} LoRA tensors in {path} match no layer of this "
-                        f"model's UNet{example}", "pass a LoRA trained on this --model")
-
-
-def _unet_lora_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file's UNet LoRA tensors under PEFT's names, without the `unet.` prefix."""
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
-    unet = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    return convert_unet_state_dict_to_peft(unet)
+                        f"model's {'UNet' if family.denoiser == 'unet' else family.denoiser}{example}",
+                        "pass a LoRA trained on this --model")
 
 
 def _mixes_names(state: dict[str, torch.Tensor]) -> bool:
@@ -222,19 +260,22 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torc
 
 @torch.inference_mode()
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], gen: GenerationConfig
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings (N, 77, D) of prompts and of the negative prompt, each distinct text once."""
+                   ) -> tuple[Cond, Cond | None]:
+    """The encodings of prompts and of the negative prompt (None without guidance), each distinct
+    text encoded once: {"prompt_embeds": (N, L, D)}, plus "pooled_prompt_embeds" (N, P) for SD 3."""
     unique = list(dict.fromkeys(prompts))
     guided = gen.guidance_scale > 1
-    cond, uncond = pipe.encode_prompt(
-        unique, pipe.device, 1, guided, [gen.negative_prompt] * len(unique) if guided else None
-    )
-    where = torch.tensor([unique.index(p) for p in prompts], device=cond.device)
-    return cond[where], (uncond[where] if guided else None)
+    cond, uncond = family_of(pipe).encode(pipe, unique, guided, gen.negative_prompt)
+    where = torch.tensor([unique.index(p) for p in prompts], device=cond["prompt_embeds"].device)
+    return _take(cond, where), (_take(uncond, where) if uncond is not None else None)
+
+
+def _take(cond: Cond, index) -> Cond:
+    return {k: v[index] for k, v in cond.items()}
 
 
 @torch.inference_mode()
-def generate_latents(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: torch.Tensor | None,
+def generate_latents(pipe: StableDiffusionPipeline, cond: Cond, uncond: Cond | None,
                      seeds: list[int], gen: GenerationConfig, desc: str = "generate", show: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final latents (N, 4, h, w) and decoded images (N, 3, H, W) in [0, 1], both on the CPU.
@@ -243,13 +284,14 @@ def generate_latents(pipe: StableDiffusionPipeline, cond: torch.Tensor, uncond: 
     same on CPU and CUDA); batches of `gen.batch_size` mix prompts.
     """
     latents, images = [], []
+    options = family_of(pipe).call_options(gen)
     bar = tqdm(total=len(seeds), desc=desc, unit="img", leave=False, disable=None if show else True)
     for idx in _chunks(len(seeds), gen.batch_size):
+        negative = {f"negative_{k}": v for k, v in _take(uncond, idx).items()} if uncond is not None else {}
         out = pipe(
-            prompt_embeds=cond[idx],
-            negative_prompt_embeds=uncond[idx] if uncond is not None else None,
+            **_take(cond, idx), **negative,
             height=gen.resolution, width=gen.resolution,
-            num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, eta=gen.eta,
+            num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, **options,
             generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in idx],
             output_type="latent",
         )
@@ -266,7 +308,7 @@ def _chunks(n: int, size: int):
 
 
 class DiffusionBackend:
-    """RAFT's generator: an SD pipeline whose UNet carries a trainable LoRA."""
+    """RAFT's generator: an SD pipeline whose denoiser (UNet, or SD 3's transformer) carries a trainable LoRA."""
 
     def __init__(self, config: RunConfig, accelerator: Accelerator):
         self.config = config
@@ -275,19 +317,23 @@ class DiffusionBackend:
         gen = config.generation
         pipe = load_pipeline(config.model.path, config.model.dtype, config.model.revision, config.model.variant,
                              field="config model.path")
+        self.family = family = family_of(pipe)
         check_resolution(pipe, gen.resolution, "config generation.resolution")
+        family.check_generation(gen, "config generation")
         pipe.scheduler = make_scheduler(pipe, gen.scheduler)
         pipe.set_progress_bar_config(disable=True)
-        for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        frozen = [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)]
+        for part in frozen:
             part.requires_grad_(False)
         lora = config.lora
-        unet = pipe.unet
-        check_lora_targets(unet, lora.target_modules, "UNet module", "to_q, to_k, to_v, to_out.0, proj_in, conv1")
+        unet = getattr(pipe, family.denoiser)  # the UNet, or SD 3's transformer
+        what = "UNet module" if family.denoiser == "unet" else "transformer module"
+        check_lora_targets(unet, lora.target_modules, what, family.lora_examples)
         unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                     target_modules=list(lora.target_modules), init_lora_weights="gaussian"))
         # A pipeline built from configs, and the LoRA layers just added, start in train mode: sampling
         # must not draw LoRA dropout (only fine-tuning switches it on, and off again).
-        for part in (pipe.vae, pipe.text_encoder, unet):
+        for part in frozen:
             part.eval()
         # The frozen model may be half precision; the trained LoRA weights stay float32.
         self.lora_params = [p for p in unet.parameters() if p.requires_grad]
@@ -298,16 +344,12 @@ class DiffusionBackend:
         pipe.to(self.device)
         self.pipe = pipe
         with torch.inference_mode():  # what caption dropout trains the unconditional branch on
-            self.empty_embeds = pipe.encode_prompt([""], self.device, 1, False)[0].float().cpu()
+            self.empty_embeds = {k: v.float().cpu() for k, v in family.encode(pipe, [""], False, "")[0].items()}
         train = config.training
         optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
-        self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
+        self.denoiser, self.optimizer = accelerator.prepare(unet, optimizer)
         self.precision = Precision(train.mixed_precision, self.device)
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise UserError("config model.path", f"prediction type {self.prediction_type!r} is not supported",
-                            "use an epsilon or v-prediction model")
+        self.noise_scheduler = family.training_scheduler(pipe)
 
     # -- generation -------------------------------------------------------------------------
 
@@ -316,28 +358,24 @@ class DiffusionBackend:
         latents, images = generate_latents(self.pipe, cond, uncond, seeds, self.config.generation, desc,
                                            show=self.accelerator.is_local_main_process)
         return Samples(prompts=list(prompts), seeds=list(seeds), outputs=images,
-                       payload={"latents": latents, "prompt_embeds": cond.float().cpu()})
+                       payload={"latents": latents, **{k: v.float().cpu() for k, v in cond.items()}})
 
     # -- fine-tuning ------------------------------------------------------------------------
 
-    def _loss(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator,
+    def _loss(self, x0: torch.Tensor, text: Cond, generator: torch.Generator,
               per_sample: bool = False, optimality: torch.Tensor | None = None) -> torch.Tensor:
-        """The scheduler's own target (epsilon or v) MSE at uniformly random timesteps, plus
-        `training.anchor_weight` times the MSE to the base model's prediction (adapter off) on the
-        same noisy input. A scalar, or one value per sample (N,) with `per_sample`."""
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
-                          generator=generator).to(self.device)
-        x0 = x0.to(self.device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(x0, noise, t)
-        dtype = self.pipe.unet.dtype
-        text = text.to(self.device, dtype)
+        """The family's denoising MSE (SD 1.x: the scheduler's epsilon or v at uniformly random
+        timesteps; SD 3: the flow velocity at logit-normal sigmas), plus `training.anchor_weight`
+        times the MSE to the base model's prediction (adapter off) on the same noisy input. A
+        scalar, or one value per sample (N,) with `per_sample`."""
+        noisy, t, target = self.family.noised(self.noise_scheduler, x0, generator, self.device)
+        dtype = self._denoiser().dtype
+        text = {k: v.to(self.device, dtype) for k, v in text.items()}
         # The old policy first: it swaps the EMA into the LoRA's tensors, which must not happen
         # while autograd holds them for this step's backward.
         old = self._old_prediction(noisy.to(dtype), t, text) if optimality is not None else None
         with self.precision.autocast():
-            pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text).sample
+            pred = self.family.predict(self.denoiser, noisy.to(dtype), t, text)
         reduce = (lambda x: x.mean(dim=tuple(range(1, x.ndim)))) if per_sample else (lambda x: x.mean())
         if optimality is not None:
             loss = self._negative_aware(pred.float(), old, target.float(), optimality.to(pred.device, torch.float32))
@@ -361,29 +399,30 @@ class DiffusionBackend:
         return r * per((positive - target) ** 2) + (1 - r) * per((negative - target) ** 2)
 
     @torch.no_grad()
-    def _old_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The old policy's prediction: the same UNet with the EMA of the LoRA swapped in."""
+    def _old_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: Cond) -> torch.Tensor:
+        """The old policy's prediction: the same denoiser with the EMA of the LoRA swapped in."""
         with self.old_policy.applied(), self.precision.autocast():
-            return self._unet()(noisy, t, encoder_hidden_states=text).sample.float()
+            return self.family.predict(self._denoiser(), noisy, t, text).float()
 
     @torch.no_grad()
-    def _base_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The frozen base UNet's prediction: the same forward with the LoRA switched off."""
-        unet = self._unet()
-        unet.disable_adapters()
+    def _base_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: Cond) -> torch.Tensor:
+        """The frozen base denoiser's prediction: the same forward with the LoRA switched off."""
+        denoiser = self._denoiser()
+        denoiser.disable_adapters()
         try:
             with self.precision.autocast():
-                return unet(noisy, t, encoder_hidden_states=text).sample.float()
+                return self.family.predict(denoiser, noisy, t, text).float()
         finally:
-            unet.enable_adapters()
+            denoiser.enable_adapters()
 
-    def _drop_captions(self, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Replace a `training.caption_dropout` share of the prompt embeddings by the empty prompt's."""
+    def _drop_captions(self, text: Cond, generator: torch.Generator) -> Cond:
+        """Replace a `training.caption_dropout` share of the prompt encodings by the empty prompt's."""
         p = self.config.training.caption_dropout
         if not p:
             return text
-        drop = torch.rand(len(text), generator=generator) < p
-        return torch.where(drop[:, None, None], self.empty_embeds.to(text.dtype), text)
+        drop = torch.rand(len(text["prompt_embeds"]), generator=generator) < p
+        return {k: torch.where(drop.view(-1, *([1] * (v.ndim - 1))), self.empty_embeds[k].to(v.dtype), v)
+                for k, v in text.items()}
 
     def train(self, samples: Samples, generator: torch.Generator) -> float:
         """Fine-tune the LoRA on `samples`; returns the mean loss (NaN when there is nothing)."""
@@ -391,17 +430,18 @@ class DiffusionBackend:
         n = len(samples)
         if n == 0:
             return math.nan
-        latents, text = samples.payload["latents"], samples.payload["prompt_embeds"]
+        latents = samples.payload["latents"]
+        text = {k: v for k, v in samples.payload.items() if k.endswith("prompt_embeds")}  # the family's encodings
         weights = samples.payload.get("weight")  # per-sample, from the objective; None: all equal
         optimality = samples.payload.get("optimality")  # negative_aware's r per sample
         losses = []
 
         def loss(batch: list[int], denominator: float) -> torch.Tensor:
             if weights is None and optimality is None:  # plain RAFT, one process: every sample counts once
-                value = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator)
+                value = self._loss(latents[batch], self._drop_captions(_take(text, batch), generator), generator)
                 losses.append(value.item())
                 return value * len(batch) / denominator
-            per = self._loss(latents[batch], self._drop_captions(text[batch], generator), generator,
+            per = self._loss(latents[batch], self._drop_captions(_take(text, batch), generator), generator,
                              per_sample=True, optimality=None if optimality is None else optimality[batch])
             if weights is None:
                 losses.append(per.mean().item())
@@ -415,7 +455,7 @@ class DiffusionBackend:
         def weight_of(items: list[int]) -> float:
             return len(items) if weights is None else float(sum(weights[i] for i in items))
 
-        fine_tune(self.accelerator, self.unet, self.optimizer, self.lora_params, cfg, range(n), generator, loss,
+        fine_tune(self.accelerator, self.denoiser, self.optimizer, self.lora_params, cfg, range(n), generator, loss,
                   weight_of, self.precision)
         if not losses:
             return math.nan
@@ -438,29 +478,28 @@ class DiffusionBackend:
     def eval_metrics(self, samples: Samples) -> dict[str, float]:
         return {}
 
-    def _unet(self):
-        return self.accelerator.unwrap_model(self.unet)
+    def _denoiser(self):
+        return self.accelerator.unwrap_model(self.denoiser)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(self._unet()).items()}
+        return {k: v.detach().cpu().clone().contiguous()
+                for k, v in get_peft_model_state_dict(self._denoiser()).items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        result = set_peft_model_state_dict(self._unet(), state)
+        result = set_peft_model_state_dict(self._denoiser(), state)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"adapter checkpoint has unexpected keys: {unexpected[:3]}")
 
     def save_adapter(self, directory: Path) -> None:
         """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads whole, with its alpha."""
-        unet = self._unet()
-        # PEFT's own names (`unet.<module>.lora_A.weight`), unconverted: convert_state_dict_to_diffusers
-        # renames only attention layers (to `lora.down`), and diffusers reads a file in the one naming
-        # scheme of its first key, so a mixed file silently lost one kind of layer (the demos' attention).
-        layers = get_peft_model_state_dict(unet)
-        StableDiffusionPipeline.save_lora_weights(
-            str(directory), unet_lora_layers=layers, safe_serialization=True,
-            unet_lora_adapter_metadata=_sorted_sets(unet.peft_config["default"].to_dict()),
-        )
+        denoiser = self._denoiser()
+        # PEFT's own names (`unet.<module>.lora_A.weight`, `transformer.<module>...`), unconverted:
+        # convert_state_dict_to_diffusers renames only attention layers (to `lora.down`), and diffusers
+        # reads a file in the one naming scheme of its first key, so a mixed file silently lost one
+        # kind of layer (the demos' attention).
+        layers = get_peft_model_state_dict(denoiser)
+        self.family.save_lora(str(directory), layers, _sorted_sets(denoiser.peft_config["default"].to_dict()))
         canonicalize_safetensors(Path(directory) / "pytorch_lora_weights.safetensors")
 
     def training_state(self) -> dict[str, Any]:
