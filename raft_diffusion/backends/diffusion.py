@@ -41,7 +41,8 @@ from .families import FAMILIES, Cond, family_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-ASSET_BUILTINS = {"toy-shapes": "toyworld/toy-shapes"}  # trained, shipped pipelines
+ASSET_BUILTINS = {"toy-shapes": "toyworld/toy-shapes",  # trained, shipped pipelines
+                  "toy-shapes-flow": "toyworld/toy-shapes-flow"}  # SD 3's architecture; toy-shapes' VAE and text
 # tiny-*: random, built on the fly; sd15-random: SD 1.5's architecture with random weights (benchmarks)
 BUILTINS = ("tiny-sd", "tiny-sd-v", "tiny-sd3", "sd15-random", *ASSET_BUILTINS)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
@@ -66,6 +67,8 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
             raise UserError(field, f"unknown built-in model {name!r}", f"available: {', '.join(BUILTINS)}")
         if name in ASSET_BUILTINS:
             directory = ASSETS / ASSET_BUILTINS[name]
+            if (directory / "raft_diffusion.json").is_file():
+                return _toy_flow_pipeline(directory, dtype, field)
             if not (directory / "model_index.json").is_file():
                 raise UserError(field, f"the {name} weights are missing from {directory}",
                                 "rebuild them with: python -m raft_diffusion.toyworld.build")
@@ -85,6 +88,8 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
                     raise UserError(field, f"{path} is not a .safetensors or .ckpt checkpoint",
                                     "pass a diffusers directory or a single-file SD checkpoint")
                 return _single_file_class(local).from_single_file(str(local), torch_dtype=torch_dtype)
+            if (local / "raft_diffusion.json").is_file():  # a toy flow model's directory (train_flow.py)
+                return _toy_flow_pipeline(local, dtype, field)
             if not (local / "model_index.json").is_file():
                 raise UserError(field, f"{path} has no model_index.json",
                                 "pass a directory saved by DiffusionPipeline.save_pretrained")
@@ -127,6 +132,31 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
     except Exception as e:  # noqa: BLE001
         raise UserError(field, f"cannot load {path!r} from the hub: {type(e).__name__}",
                         "check the id and your network, or pass a local directory") from e
+
+
+def _toy_flow_pipeline(directory: Path, dtype: str, field: str) -> StableDiffusion3Pipeline:
+    """builtin:toy-shapes-flow: its transformer and scheduler, with toy-shapes' VAE and its text encoder
+    as both of SD 3's CLIP encoders (toyworld/train_flow.py trained it so); no T5, and a prompt
+    sequence of the 77 CLIP tokens alone (`t5_tokens` 0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from ..tokenizer import clip_tokenizer
+    from ..toyworld.train_flow import text_encoder_with_projection
+
+    meta = json.loads((directory / "raft_diffusion.json").read_text())
+    sd = load_pipeline(meta["vae_and_text_encoder"], "float32", field=field)
+    text = text_encoder_with_projection(sd.text_encoder)
+    vae = sd.vae
+    vae.register_to_config(shift_factor=0.0)
+    tokenizer = clip_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(str(directory / "transformer")),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(directory / "scheduler")),
+        vae=vae, text_encoder=text, tokenizer=tokenizer, text_encoder_2=text, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.t5_tokens = int(meta["t5_tokens"])  # what families.StableDiffusion3.encode gives the T5 part
+    pipe.transformer.float().eval()
+    return pipe if dtype == "float32" else pipe.to(dtype=DTYPES[dtype])
 
 
 def _family_named(class_name: str | None, path: str, field: str):

@@ -103,9 +103,12 @@ class StableDiffusion3(StableDiffusion):
     logit_mean, logit_std = 0.0, 1.0  # diffusers' SD 3 scripts' defaults (weighting_scheme logit_normal)
 
     def encode(self, pipe, prompts: list[str], guided: bool, negative: str) -> tuple[Cond, Cond | None]:
+        # Without T5, SD 3 appends zeros for it: 256 tokens by default; a model trained with fewer says
+        # so (builtin:toy-shapes-flow: none, `pipe.t5_tokens`).
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=guided, negative_prompt=[negative] * len(prompts) if guided else None)
+            do_classifier_free_guidance=guided, negative_prompt=[negative] * len(prompts) if guided else None,
+            max_sequence_length=getattr(pipe, "t5_tokens", 256))
         return ({"prompt_embeds": cond, "pooled_prompt_embeds": pooled},
                 {"prompt_embeds": uncond, "pooled_prompt_embeds": uncond_pooled} if guided else None)
 

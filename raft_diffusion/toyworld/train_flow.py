@@ -1,0 +1,191 @@
+"""Train the toy flow-matching model (`builtin:toy-shapes-flow`): SD 3's architecture on the toy world.
+
+    python -m raft_diffusion.toyworld.train_flow --out assets/toyworld/toy-shapes-flow [--seed 0] [--threads 1]
+
+An SD3Transformer2DModel (MMDiT) trained by rectified flow on the generator world's data, with the
+toy SD's VAE and text encoder, frozen (`builtin:toy-shapes`), so the two models differ only in
+their denoiser and objective. Stages, each resumable from `--cache` (default
+~/.cache/raft-diffusion/toyworld/flow):
+1. render the skewed generator world (the same data as train_sd: same seed, same scenes);
+2. encode it with the shipped toy VAE (its latent mean and std per image);
+3. train the transformer: logit-normal sigmas shifted by 3 (SD 3's training), velocity target
+   `noise - x0`, 10% caption dropout; checkpointed every few minutes.
+
+The text encoder is SD 3's pair of CLIP encoders made of the one toy encoder: it serves as
+`text_encoder` and `text_encoder_2` (CLIPTextModelWithProjection with an identity projection), and
+SD 3 reads the penultimate layer. There is no T5: the prompt sequence is the 77 CLIP tokens alone
+(`T5_TOKENS` = 0; SD 3 without T5 would append 256 zero tokens by default, which cost a CPU 3x
+and carry nothing). The asset directory holds the transformer, the scheduler and
+`raft_diffusion.json`; the loader takes the VAE and text encoder from toy-shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import write_dir_atomically
+from ..tiny import flow_scheduler, tiny_sd3_transformer
+from .train_sd import CHECKPOINT_SECONDS, RESOLUTION, load_data, load_stage, save_stage, to_tensor
+
+T5_TOKENS = 0  # the T5 part of the prompt sequence this model was trained with (see the docstring)
+TEXT_DIM = 96  # the toy text encoder's width
+
+
+def make_transformer():
+    # 16x16x4 latents in 2x2 patches: 64 image tokens beside the 77 prompt tokens.
+    return tiny_sd3_transformer(text_dims=(TEXT_DIM, TEXT_DIM), sample_size=RESOLUTION // 4, in_channels=4,
+                                layers=6, heads=4, head_dim=32)
+
+
+def text_encoder_with_projection(text_encoder):
+    """The toy CLIPTextModel as SD 3's CLIPTextModelWithProjection: the same weights, an identity
+    projection (its pooled output is the EOS token's hidden state)."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = text_encoder.config.to_dict()
+    config["projection_dim"] = config["hidden_size"]
+    config.pop("architectures", None)
+    projected = CLIPTextModelWithProjection(type(text_encoder.config).from_dict(config))
+    projected.text_model.load_state_dict(text_encoder.state_dict())  # strict: every weight, the same names
+    with torch.no_grad():
+        projected.text_projection.weight.copy_(torch.eye(config["hidden_size"]))
+    return projected.to(text_encoder.dtype).eval()
+
+
+def frozen_parts():
+    """The shipped toy SD's VAE and text encoder, float32, frozen."""
+    from ..backends.diffusion import load_pipeline
+
+    sd = load_pipeline("builtin:toy-shapes")
+    vae, text = sd.vae.float().eval(), text_encoder_with_projection(sd.text_encoder.float())
+    for part in (vae, text):
+        part.requires_grad_(False)
+    return vae, text
+
+
+@torch.no_grad()
+def encode_all(vae, data, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    path = cache / "latents.safetensors"
+    if path.is_file():
+        saved = load_file(str(path))
+        return saved["mean"], saved["std"]
+    means, stds = [], []
+    for i in range(0, len(data["images"]), 256):
+        post = vae.encode(to_tensor(data["images"][i:i + 256])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
+    save_file({"mean": mean, "std": std}, str(path))
+    return mean, std
+
+
+@torch.no_grad()
+def prompt_encoding(text, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What StableDiffusion3Pipeline.encode_prompt gives with this encoder as both CLIPs and no T5:
+    the penultimate hidden states side by side, and the pooled embeddings side by side."""
+    out = text(tokens, output_hidden_states=True)
+    hidden, pooled = out.hidden_states[-2], out.text_embeds
+    return torch.cat([hidden, hidden], dim=-1), torch.cat([pooled, pooled], dim=-1)
+
+
+def train(data, mean, std, scale: float, text, cache: Path, steps: int, batch: int, lr: float, seed: int):
+    transformer = make_transformer()
+    params = list(transformer.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    sched = flow_scheduler()
+    ckpt = cache / "transformer"
+    start = load_stage(ckpt, {"transformer": transformer}, opt, g)
+    if start:
+        print(f"resumed transformer at step {start}", flush=True)
+    ids, empty = torch.from_numpy(data["ids"]).long(), torch.from_numpy(data["empty"]).long()
+    n, n_templates = ids.shape[0], ids.shape[1]
+    transformer.train()
+    t0, last_save, losses = time.time(), time.time(), []
+
+    def save(step: int) -> None:
+        save_stage(ckpt, {"transformer": transformer}, opt, g, step)
+
+    for step in range(start, steps):
+        for group in opt.param_groups:  # short warm-up, then cosine decay to 10%
+            warm = min(1.0, (step + 1) / 200)
+            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(0, n, (batch,), generator=g)
+        template = torch.randint(0, n_templates, (batch,), generator=g)
+        tokens = ids[idx, template]
+        drop = torch.rand(batch, generator=g) < 0.1  # caption dropout: learns the unconditional model
+        tokens[drop] = empty
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+        noise = torch.randn(x0.shape, generator=g)
+        u = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal (0, 1), as the backend trains
+        index = (u * sched.config.num_train_timesteps).long().clamp(max=len(sched.sigmas) - 1)
+        sigma = sched.sigmas[index].view(-1, 1, 1, 1)
+        hidden, pooled = prompt_encoding(text, tokens)
+        pred = transformer(hidden_states=(1 - sigma) * x0 + sigma * noise, timestep=sched.timesteps[index],
+                           encoder_hidden_states=hidden, pooled_projections=pooled).sample
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            rate = (time.time() - t0) / max(1, len(losses))
+            print(f"transformer step {step} loss {np.mean(losses[-50:]):.4f} ({rate:.2f}s/step)", flush=True)
+        if time.time() - last_save > CHECKPOINT_SECONDS:
+            save(step + 1)
+            last_save = time.time()
+    save(steps)
+    return transformer.eval()
+
+
+def save_asset(transformer, out: Path, steps: int, seed: int) -> None:
+    """transformer/ (fp16), scheduler/, and raft_diffusion.json: what the loader needs beyond toy-shapes."""
+    def write(tmp: Path) -> None:
+        transformer.to(torch.float16).save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        flow_scheduler().save_pretrained(str(tmp / "scheduler"))
+        (tmp / "raft_diffusion.json").write_text(json.dumps({
+            "pipeline": "StableDiffusion3Pipeline", "vae_and_text_encoder": "builtin:toy-shapes",
+            "t5_tokens": T5_TOKENS, "steps": steps, "seed": seed}, indent=2) + "\n")
+
+    write_dir_atomically(out, write)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/toyworld/toy-shapes-flow"))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/raft-diffusion/toyworld/flow")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-images", type=int, default=30000)
+    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = args.cache / f"seed{args.seed}"
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    data = load_data(cache, args.n_images, args.seed)
+    vae, text = frozen_parts()
+    mean, std = encode_all(vae, data, cache)
+    scale = float(vae.config.scaling_factor)
+    print(f"latents encoded with the toy VAE, scale {scale:.4f} ({time.time() - t0:.0f}s)", flush=True)
+    transformer = train(data, mean, std, scale, text, cache, args.steps, args.batch, args.lr, args.seed)
+    save_asset(transformer, args.out, args.steps, args.seed)
+    print(f"saved {args.out} in {time.time() - t0:.0f}s total", flush=True)
+
+
+if __name__ == "__main__":
+    main()
