@@ -134,3 +134,13 @@ def test_what_a_flow_model_cannot_take_is_a_user_error(tmp_path, capfd, setting,
     err = capfd.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1].startswith(f"error: {field}") and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_toy_demo_lora_list_runs_on_sd3_with_the_unet_only_layers_skipped(sd3_config, capfd):
+    # the toy demos target UNet convolutions too (proj_in, conv1, conv2): on a transformer, those are skipped
+    config = sd3_config(lora={"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2"]},
+                        raft={"iterations": 1})
+    run_training(config, log=lambda _: None)
+    assert "proj_in, conv1, conv2" in capfd.readouterr().err
+    saved = load_file(str(Path(config.output_dir) / "final/pytorch_lora_weights.safetensors"))
+    assert any(".to_q." in k for k in saved) and not any(".conv1." in k for k in saved)

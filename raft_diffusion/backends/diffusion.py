@@ -332,6 +332,21 @@ def generate_latents(pipe: StableDiffusionPipeline, cond: Cond, uncond: Cond | N
     return torch.cat(latents), torch.cat(images)
 
 
+def _present_targets(denoiser, targets: list[str], family, say: bool) -> list[str]:
+    """`lora.target_modules` less the layers only the other family has (a UNet's convolutions on SD 3's
+    transformer), said in one line; left whole when that would leave nothing, so the check names them."""
+    names = [n for n, _ in denoiser.named_modules()]
+    foreign = [t for t in targets if t in family.foreign_layers and not any(n == t or n.endswith("." + t) for n in names)]
+    if not foreign or len(foreign) == len(targets):
+        return targets
+    if say:
+        import sys
+
+        print(f"note: lora.target_modules {', '.join(foreign)}: this {family.name} {family.denoiser} has no such "
+              "layers; the LoRA goes on the others", file=sys.stderr)
+    return [t for t in targets if t not in foreign]
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield list(range(start, min(n, start + size)))
@@ -358,9 +373,10 @@ class DiffusionBackend:
         lora = config.lora
         unet = getattr(pipe, family.denoiser)  # the UNet, or SD 3's transformer
         what = "UNet module" if family.denoiser == "unet" else "transformer module"
-        check_lora_targets(unet, lora.target_modules, what, family.lora_examples)
+        targets = _present_targets(unet, list(lora.target_modules), family, accelerator.is_main_process)
+        check_lora_targets(unet, targets, what, family.lora_examples)
         unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                    target_modules=list(lora.target_modules), init_lora_weights="gaussian"))
+                                    target_modules=targets, init_lora_weights="gaussian"))
         # A pipeline built from configs, and the LoRA layers just added, start in train mode: sampling
         # must not draw LoRA dropout (only fine-tuning switches it on, and off again).
         for part in frozen:

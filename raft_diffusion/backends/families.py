@@ -37,6 +37,10 @@ class StableDiffusion:
     denoiser = "unet"
     clip_tokenizers = ("tokenizer",)  # supplied from open_clip's BPE where a local directory lacks them
     lora_examples = "to_q, to_k, to_v, to_out.0, proj_in, conv1"
+    # layers only the other family's denoiser has: a config written for one family (the toy demos' convolutions)
+    # runs on the other with them skipped, while a name neither has is still a typo
+    foreign_layers = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "context_embedder", "x_embedder",
+                      "norm1.linear", "norm1_context.linear", "ff_context.net.0.proj", "ff_context.net.2")
 
     def encode(self, pipe, prompts: list[str], guided: bool, negative: str) -> tuple[Cond, Cond | None]:
         cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, guided, [negative] * len(prompts) if guided else None)
@@ -100,6 +104,8 @@ class StableDiffusion3(StableDiffusion):
     clip_tokenizers = ("tokenizer", "tokenizer_2")
     optional_components = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
     lora_examples = "to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out"
+    foreign_layers = ("proj_in", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out",
+                      "proj_out")
     logit_mean, logit_std = 0.0, 1.0  # diffusers' SD 3 scripts' defaults (weighting_scheme logit_normal)
 
     def encode(self, pipe, prompts: list[str], guided: bool, negative: str) -> tuple[Cond, Cond | None]:
