@@ -207,6 +207,7 @@ def generate(
 
     from .backends.diffusion import (check_resolution, encode_prompts, generate_latents, load_lora, load_pipeline,
                                      make_scheduler, native_resolution)
+    from .backends.families import family_of
     from .config import GenerationConfig
     from .rewards.jpeg import to_uint8
 
@@ -220,6 +221,7 @@ def generate(
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
     gen = GenerationConfig(resolution=resolution, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
                            eta=eta, negative_prompt=negative_prompt, batch_size=batch_size)
+    family_of(pipe).check_generation(gen, "--scheduler", "--eta")
     seeds = [seed + i for i in range(n)]
     cond, uncond = encode_prompts(pipe, [prompt] * n, gen)
     images = to_uint8(generate_latents(pipe, cond, uncond, seeds, gen)[1])

@@ -364,7 +364,7 @@ class DiffusionBackend:
                              field="config model.path")
         self.family = family = family_of(pipe)
         check_resolution(pipe, gen.resolution, "config generation.resolution")
-        family.check_generation(gen, "config generation")
+        family.check_generation(gen, "config generation.scheduler", "config generation.eta")
         pipe.scheduler = make_scheduler(pipe, gen.scheduler)
         pipe.set_progress_bar_config(disable=True)
         frozen = [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)]

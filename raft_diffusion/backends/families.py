@@ -49,7 +49,7 @@ class StableDiffusion:
     def call_options(self, gen: GenerationConfig) -> dict[str, Any]:
         return {"eta": gen.eta}
 
-    def check_generation(self, gen: GenerationConfig, field: str) -> None:
+    def check_generation(self, gen: GenerationConfig, scheduler_field: str, eta_field: str) -> None:
         return None
 
     def sampler(self, pipe, name: str):
@@ -121,14 +121,14 @@ class StableDiffusion3(StableDiffusion):
     def call_options(self, gen: GenerationConfig) -> dict[str, Any]:
         return {}
 
-    def check_generation(self, gen: GenerationConfig, field: str) -> None:
+    def check_generation(self, gen: GenerationConfig, scheduler_field: str, eta_field: str) -> None:
         # `ddim` is the config's default: a flow model samples with its own Euler scheduler then.
         if gen.scheduler != "ddim":
-            raise UserError(f"{field}.scheduler", f"{gen.scheduler} is for SD 1.x; a flow-matching model samples "
-                            "with its FlowMatchEulerDiscreteScheduler", "leave generation.scheduler out")
+            raise UserError(scheduler_field, f"{gen.scheduler} is for SD 1.x; a flow-matching model samples "
+                            "with its FlowMatchEulerDiscreteScheduler", f"leave {scheduler_field.split()[-1]} out")
         if gen.eta:
-            raise UserError(f"{field}.eta", "eta is DDIM's; flow-matching Euler sampling has none",
-                            "leave generation.eta out (0)")
+            raise UserError(eta_field, "eta is DDIM's; flow-matching Euler sampling has none",
+                            f"leave {eta_field.split()[-1]} out (0)")
 
     def sampler(self, pipe, name: str):
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)

@@ -2,7 +2,8 @@
 
     python -m raft_diffusion.toyworld.build [--seed 0] [--assets assets/toyworld]
 
-Runs, in order: the oracle, the toy CLIP with the toy aesthetic head, and the toy SD. Each stage
+Runs, in order: the oracle, the toy CLIP with the toy aesthetic head, the toy SD, and the toy flow
+model (SD 3's architecture, on the toy SD's VAE and text encoder). Each stage
 checkpoints under ~/.cache/raft-diffusion/toyworld and resumes when run again, so an interrupted
 build continues where it stopped. Long: run it in the background with its log in a file.
 """
@@ -25,6 +26,8 @@ def stages(assets: Path, seed: int) -> list[list[str]]:
         ["raft_diffusion.toyworld.oracle", "--out", str(assets / "oracle.safetensors"), "--seed", str(seed)],
         ["raft_diffusion.toyworld.train_clip", "--out", str(assets), "--seed", str(seed)],
         ["raft_diffusion.toyworld.train_sd", "--out", str(assets / "toy-shapes"), "--seed", str(seed)],
+        # the flow model reuses toy-shapes' VAE and text encoder: after it
+        ["raft_diffusion.toyworld.train_flow", "--out", str(assets / "toy-shapes-flow"), "--seed", str(seed)],
     ]
 
 
