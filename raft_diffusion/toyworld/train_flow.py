@@ -170,10 +170,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--export", action="store_true",
+                        help="write the latest checkpoint as an asset to --out and stop (a look mid-way)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = args.cache / f"seed{args.seed}"
+    if args.export:
+        transformer = make_transformer()
+        step = load_stage(cache / "transformer", {"transformer": transformer},
+                          torch.optim.AdamW(transformer.parameters()), torch.Generator())
+        save_asset(transformer.eval(), args.out, step, args.seed)
+        print(f"exported step {step} to {args.out}", flush=True)
+        return
     cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     t0 = time.time()
