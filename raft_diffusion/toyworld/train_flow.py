@@ -21,20 +21,17 @@ and carry nothing). The asset directory holds the transformer, the scheduler and
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import write_dir_atomically
 from ..tiny import flow_scheduler, tiny_sd3_transformer
-from .train_sd import CHECKPOINT_SECONDS, RESOLUTION, load_data, load_stage, save_stage, to_tensor
+from .train_sd import RESOLUTION, arguments, load_data, load_stage, to_tensor, train_stage
 
 T5_TOKENS = 0  # the T5 part of the prompt sequence this model was trained with (see the docstring)
 TEXT_DIM = 96  # the toy text encoder's width
@@ -98,54 +95,23 @@ def prompt_encoding(text, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def train(data, mean, std, scale: float, text, cache: Path, steps: int, batch: int, lr: float, seed: int):
+    """The transformer by rectified flow: the loss the diffusion backend fine-tunes with (families.py)."""
     transformer = make_transformer()
-    params = list(transformer.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    g = torch.Generator().manual_seed(seed)
     sched = flow_scheduler()
-    ckpt = cache / "transformer"
-    start = load_stage(ckpt, {"transformer": transformer}, opt, g)
-    if start:
-        print(f"resumed transformer at step {start}", flush=True)
-    ids, empty = torch.from_numpy(data["ids"]).long(), torch.from_numpy(data["empty"]).long()
-    n, n_templates = ids.shape[0], ids.shape[1]
-    transformer.train()
-    t0, last_save, losses = time.time(), time.time(), []
 
-    def save(step: int) -> None:
-        save_stage(ckpt, {"transformer": transformer}, opt, g, step)
-
-    for step in range(start, steps):
-        for group in opt.param_groups:  # short warm-up, then cosine decay to 10%
-            warm = min(1.0, (step + 1) / 200)
-            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        idx = torch.randint(0, n, (batch,), generator=g)
-        template = torch.randint(0, n_templates, (batch,), generator=g)
-        tokens = ids[idx, template]
-        drop = torch.rand(batch, generator=g) < 0.1  # caption dropout: learns the unconditional model
-        tokens[drop] = empty
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+    def loss_of(x0: torch.Tensor, tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=g)
-        u = torch.sigmoid(torch.randn(batch, generator=g))  # logit-normal (0, 1), as the backend trains
+        u = torch.sigmoid(torch.randn(x0.shape[0], generator=g))  # logit-normal (0, 1)
         index = (u * sched.config.num_train_timesteps).long().clamp(max=len(sched.sigmas) - 1)
         sigma = sched.sigmas[index].view(-1, 1, 1, 1)
         hidden, pooled = prompt_encoding(text, tokens)
         pred = transformer(hidden_states=(1 - sigma) * x0 + sigma * noise, timestep=sched.timesteps[index],
                            encoder_hidden_states=hidden, pooled_projections=pooled).sample
-        loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            rate = (time.time() - t0) / max(1, len(losses))
-            print(f"transformer step {step} loss {np.mean(losses[-50:]):.4f} ({rate:.2f}s/step)", flush=True)
-        if time.time() - last_save > CHECKPOINT_SECONDS:
-            save(step + 1)
-            last_save = time.time()
-    save(steps)
-    return transformer.eval()
+        return F.mse_loss(pred, noise - x0)
+
+    train_stage("transformer", {"transformer": transformer}, loss_of, data, mean, std, scale, cache, steps, batch,
+                lr, seed)
+    return transformer
 
 
 def save_asset(transformer, out: Path, steps: int, seed: int) -> None:
@@ -161,15 +127,7 @@ def save_asset(transformer, out: Path, steps: int, seed: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("assets/toyworld/toy-shapes-flow"))
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/raft-diffusion/toyworld/flow")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-images", type=int, default=30000)
-    parser.add_argument("--steps", type=int, default=4500)
-    parser.add_argument("--batch", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser = arguments(__doc__.splitlines()[0], "assets/toyworld/toy-shapes-flow", "flow")
     parser.add_argument("--export", action="store_true",
                         help="write the latest checkpoint as an asset to --out and stop (a look mid-way)")
     args = parser.parse_args()

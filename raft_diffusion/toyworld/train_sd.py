@@ -176,24 +176,27 @@ def encode_all(vae: AutoencoderKL, data, cache: Path) -> tuple[torch.Tensor, tor
 # --- stage 3: UNet + text encoder ------------------------------------------------------------------
 
 
-def train_denoiser(data, mean, std, scale, cache: Path, steps: int, batch: int, lr: float, seed: int):
-    unet, text = make_unet(), make_text_encoder()
-    params = list(unet.parameters()) + list(text.parameters())
+def train_stage(name: str, modules: dict[str, torch.nn.Module], loss_of, data, mean: torch.Tensor,
+                std: torch.Tensor, scale: float, cache: Path, steps: int, batch: int, lr: float, seed: int) -> None:
+    """The denoiser training loop of both toy models, resumable from `cache`/`name`: AdamW, a short
+    warm-up then cosine decay to 10%, batches of latents drawn from each image's posterior with one
+    of its caption templates (10% dropped to the empty prompt: the unconditional model), clipped
+    steps, a checkpoint every few minutes. `loss_of(x0, tokens, g)` is the model's own objective."""
+    params = [p for module in modules.values() for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(seed)
-    sched = DDPMScheduler.from_config(sd_scheduler().config)
-    ckpt = cache / "denoiser"
-    start = load_stage(ckpt, {"unet": unet, "text": text}, opt, g)
+    ckpt = cache / name
+    start = load_stage(ckpt, modules, opt, g)
     if start:
-        print(f"resumed denoiser at step {start}", flush=True)
+        print(f"resumed {name} at step {start}", flush=True)
     ids, empty = torch.from_numpy(data["ids"]).long(), torch.from_numpy(data["empty"]).long()
     n, n_templates = ids.shape[0], ids.shape[1]
-    unet.train()
-    text.train()
+    for module in modules.values():
+        module.train()
     t0, last_save, losses = time.time(), time.time(), []
 
     def save(step: int) -> None:
-        save_stage(ckpt, {"unet": unet, "text": text}, opt, g, step)
+        save_stage(ckpt, modules, opt, g, step)
 
     for step in range(start, steps):
         for group in opt.param_groups:  # short warm-up, then cosine decay to 10%
@@ -205,10 +208,7 @@ def train_denoiser(data, mean, std, scale, cache: Path, steps: int, batch: int, 
         drop = torch.rand(batch, generator=g) < 0.1  # caption dropout: learns the unconditional model
         tokens[drop] = empty
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
-        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=text(tokens)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = loss_of(x0, tokens, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -216,12 +216,29 @@ def train_denoiser(data, mean, std, scale, cache: Path, steps: int, batch: int, 
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             rate = (time.time() - t0) / max(1, len(losses))
-            print(f"denoiser step {step} loss {np.mean(losses[-50:]):.4f} ({rate:.2f}s/step)", flush=True)
+            print(f"{name} step {step} loss {np.mean(losses[-50:]):.4f} ({rate:.2f}s/step)", flush=True)
         if time.time() - last_save > CHECKPOINT_SECONDS:
             save(step + 1)
             last_save = time.time()
     save(steps)
-    return unet.eval(), text.eval()
+    for module in modules.values():
+        module.eval()
+
+
+def train_denoiser(data, mean, std, scale, cache: Path, steps: int, batch: int, lr: float, seed: int):
+    """The UNet and the text encoder, jointly, by SD's epsilon objective."""
+    unet, text = make_unet(), make_text_encoder()
+    sched = DDPMScheduler.from_config(sd_scheduler().config)
+
+    def loss_of(x0: torch.Tensor, tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=text(tokens)[0]).sample
+        return F.mse_loss(pred, noise)
+
+    train_stage("denoiser", {"unet": unet, "text": text}, loss_of, data, mean, std, scale, cache, steps, batch,
+                lr, seed)
+    return unet, text
 
 
 def save_pipeline(vae, unet, text, scale: float, out: Path) -> None:
@@ -244,17 +261,23 @@ def save_pipeline(vae, unet, text, scale: float, out: Path) -> None:
     write_dir_atomically(out, write)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("assets/toyworld/toy-shapes"))
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/raft-diffusion/toyworld/sd")
+def arguments(description: str, out: str, cache: str) -> argparse.ArgumentParser:
+    """The options both toy models' trainers take."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/raft-diffusion/toyworld" / cache)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-images", type=int, default=30000)
-    parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser
+
+
+def main() -> None:
+    parser = arguments(__doc__.splitlines()[0], "assets/toyworld/toy-shapes", "sd")
+    parser.add_argument("--vae-steps", type=int, default=1500)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
