@@ -40,7 +40,7 @@ def test_toy_shapes_loads_offline_as_a_builtin_with_sd_s_clip_tokenizer(toy_pipe
     assert json.loads((TOY / "model_index.json").read_text())["tokenizer"] == [None, None]
 
 
-def test_toy_sd_is_fp16_safetensors_and_all_toy_assets_fit_in_40_mb():
+def test_toy_sd_is_fp16_safetensors_and_all_toy_assets_fit_in_60_mb():
     weights = sorted((ASSETS / "toyworld").rglob("*.safetensors"))
     assert {p.parent.name for p in weights} >= {"unet", "vae", "text_encoder", "toy-clip", "toyworld"}
     for path in TOY.rglob("*.safetensors"):  # the pipeline: fp16 on disk (the small heads stay fp32)
@@ -48,7 +48,7 @@ def test_toy_sd_is_fp16_safetensors_and_all_toy_assets_fit_in_40_mb():
             assert {f.get_slice(k).get_dtype() for k in f.keys()} <= {"F16", "I64"}, path  # noqa: SIM118
     assert not list(ASSETS.rglob("*.bin")) and not list(ASSETS.rglob("*.pt*"))
     total = sum(p.stat().st_size for p in (ASSETS / "toyworld").rglob("*") if p.is_file())
-    assert total <= 40 * 2**20, f"{total / 2**20:.1f} MB"
+    assert total <= 60 * 2**20, f"{total / 2**20:.1f} MB"  # the budget, raised from 40 MB for the toy flow model
 
 
 def test_toy_shapes_draws_what_in_distribution_prompts_ask_at_64_px(toy_pipe):
