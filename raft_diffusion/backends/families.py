@@ -8,10 +8,11 @@ diffusion backend asks its family for each:
   Both are dicts of per-sample tensors named as the pipelines' keyword arguments;
 - **sampling call**: DDIM's `eta` for SD 1.x; SD 3 samples with its flow-matching Euler scheduler;
 - **training target**: SD 1.x: the scheduler's epsilon or v at uniform integer timesteps (DDPM
-  noising). SD 3: flow matching as diffusers' SD 3 training scripts do it: sigma from a logit-normal
-  density (mean 0, std 1), taken as an index into the training scheduler's shifted sigmas, the
-  noisy latents `(1 - sigma) x0 + sigma noise`, the target velocity `noise - x0`, uniform loss
-  weighting;
+  noising). SD 3: rectified flow with the timestep density of diffusers' SD 3 training scripts
+  (`weighting_scheme` logit_normal: u = sigmoid(N(0, 1)) as an index into the training scheduler's
+  shifted sigmas), the noisy latents `(1 - sigma) x0 + sigma noise`, the velocity target
+  `noise - x0`, uniform loss weighting (their `precondition_outputs` variant, which compares x0
+  predictions and so weights the same error by sigma^2, is not used);
 - **LoRA save**: `unet_lora_layers` or `transformer_lora_layers`, each under its pipeline's
   `save_lora_weights`, so that pipeline's `load_lora_weights` reads it.
 """
