@@ -2,14 +2,12 @@
 flow-matching loss, every objective, the LoRA through StableDiffusion3Pipeline.load_lora_weights,
 loading from a local directory, and the errors a flow model adds."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from PIL import Image
 from safetensors.torch import load_file
 
 from raft_diffusion.backends.diffusion import load_lora, load_pipeline
@@ -19,7 +17,7 @@ from raft_diffusion.errors import UserError
 from raft_diffusion.train import run_training
 
 from .conftest import TINY_CONFIG, deep_update, write_yaml
-from .test_run_directory import _images
+from .test_lora_roundtrip import assert_reproduces_eval
 
 # SD 3's attention: the image stream's projections and the text stream's (add_*), as diffusers' SD 3 LoRA scripts
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -83,11 +81,7 @@ def test_the_sd3_lora_loads_in_plain_diffusers_and_reproduces_the_eval_images(sd
     pipe.load_lora_weights(str(run / "final"))  # diffusers' own loader
     (adapter,) = pipe.transformer.peft_config
     assert pipe.transformer.peft_config[adapter].lora_alpha == 8
-    eval_dir = run / "samples/iter_0000/eval"
-    rows = [json.loads(x) for x in (eval_dir / "samples.jsonl").read_text().splitlines()]
-    written = np.stack([np.asarray(Image.open(eval_dir / r["file"])) for r in rows])
-    again = _images(pipe, config, [r["prompt"] for r in rows], [r["seed"] for r in rows])
-    np.testing.assert_array_equal(again, written)
+    assert_reproduces_eval(pipe, config, run / "samples/iter_0000/eval")
 
     checked = load_pipeline(config.model.path)  # `generate --lora`: every tensor must land
     load_lora(checked, run / "final")
