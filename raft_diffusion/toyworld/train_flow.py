@@ -8,8 +8,12 @@ their denoiser and objective. Stages, each resumable from `--cache` (default
 ~/.cache/raft-diffusion/toyworld/flow):
 1. render the skewed generator world (the same data as train_sd: same seed, same scenes);
 2. encode it with the shipped toy VAE (its latent mean and std per image);
-3. train the transformer: logit-normal sigmas shifted by 3 (SD 3's training), velocity target
-   `noise - x0`, 10% caption dropout; checkpointed every few minutes.
+3. train the transformer: logit-normal sigmas (SD 3's training), velocity target `noise - x0`,
+   10% caption dropout; checkpointed every few minutes. In the phases of `PHASES`, each a cosine
+   learning-rate cycle: first with SD 3's shift of 3 towards noise, then with shift 1. At 64 px
+   (8x8 patches) shift 3 leaves sigmas below 0.3 under 3% of the training, and the model drew
+   blobs: the SD 3 paper's shift grows with the resolution, and 1 fits this one. The asset's
+   scheduler samples with the last phase's shift, and RAFT fine-tunes with it.
 
 The text encoder is SD 3's pair of CLIP encoders made of the one toy encoder: it serves as
 `text_encoder` and `text_encoder_2` (CLIPTextModelWithProjection with an identity projection), and
@@ -33,6 +37,9 @@ from ..checkpoint import write_dir_atomically
 from ..tiny import flow_scheduler, tiny_sd3_transformer
 from .train_sd import RESOLUTION, arguments, load_data, load_stage, to_tensor, train_stage
 
+# (last step, sigma shift) of each training phase: a cosine learning-rate cycle each, resumed from
+# the phase before; the first two are the shift-3 training this model started with.
+PHASES = ((4500, 3.0), (9000, 3.0), (14000, 1.0))
 T5_TOKENS = 0  # the T5 part of the prompt sequence this model was trained with (see the docstring)
 TEXT_DIM = 96  # the toy text encoder's width
 
@@ -94,10 +101,12 @@ def prompt_encoding(text, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return torch.cat([hidden, hidden], dim=-1), torch.cat([pooled, pooled], dim=-1)
 
 
-def train(data, mean, std, scale: float, text, cache: Path, steps: int, batch: int, lr: float, seed: int):
-    """The transformer by rectified flow: the loss the diffusion backend fine-tunes with (families.py)."""
+def train(data, mean, std, scale: float, text, cache: Path, steps: int, batch: int, lr: float, seed: int,
+          shift: float):
+    """The transformer by rectified flow to `steps`: the loss the diffusion backend fine-tunes with
+    (families.py), sigmas shifted by `shift`."""
     transformer = make_transformer()
-    sched = flow_scheduler()
+    sched = flow_scheduler(shift)
 
     def loss_of(x0: torch.Tensor, tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=g)
@@ -114,14 +123,32 @@ def train(data, mean, std, scale: float, text, cache: Path, steps: int, batch: i
     return transformer
 
 
+def phases(steps: int) -> list[tuple[int, float]]:
+    """`PHASES` up to `steps`: the last one cut there."""
+    out = []
+    for end, shift in PHASES:
+        out.append((min(end, steps), shift))
+        if end >= steps:
+            break
+    return out
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    state = ckpt / "state.json"
+    return json.loads(state.read_text())["step"] if state.is_file() else 0
+
+
 def save_asset(transformer, out: Path, steps: int, seed: int) -> None:
     """transformer/ (fp16), scheduler/, and raft_diffusion.json: what the loader needs beyond toy-shapes."""
+    done = phases(steps)
+
     def write(tmp: Path) -> None:
         transformer.to(torch.float16).save_pretrained(str(tmp / "transformer"), safe_serialization=True)
-        flow_scheduler().save_pretrained(str(tmp / "scheduler"))
+        flow_scheduler(done[-1][1]).save_pretrained(str(tmp / "scheduler"))
         (tmp / "raft_diffusion.json").write_text(json.dumps({
             "pipeline": "StableDiffusion3Pipeline", "vae_and_text_encoder": "builtin:toy-shapes",
-            "t5_tokens": T5_TOKENS, "steps": steps, "seed": seed}, indent=2) + "\n")
+            "t5_tokens": T5_TOKENS, "steps": steps, "seed": seed,
+            "phases": [{"last_step": end, "shift": shift} for end, shift in done]}, indent=2) + "\n")
 
     write_dir_atomically(out, write)
 
@@ -130,6 +157,7 @@ def main() -> None:
     parser = arguments(__doc__.splitlines()[0], "assets/toyworld/toy-shapes-flow", "flow")
     parser.add_argument("--export", action="store_true",
                         help="write the latest checkpoint as an asset to --out and stop (a look mid-way)")
+    parser.set_defaults(steps=PHASES[-1][0])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +177,14 @@ def main() -> None:
     mean, std = encode_all(vae, data, cache)
     scale = float(vae.config.scaling_factor)
     print(f"latents encoded with the toy VAE, scale {scale:.4f} ({time.time() - t0:.0f}s)", flush=True)
-    transformer = train(data, mean, std, scale, text, cache, args.steps, args.batch, args.lr, args.seed)
+    for end, shift in phases(args.steps):
+        if checkpoint_step(cache / "transformer") >= end:
+            continue  # a phase done before
+        print(f"phase to step {end}: sigma shift {shift}", flush=True)
+        transformer = train(data, mean, std, scale, text, cache, end, args.batch, args.lr, args.seed, shift)
+    transformer = make_transformer()
+    load_stage(cache / "transformer", {"transformer": transformer}, torch.optim.AdamW(transformer.parameters()),
+               torch.Generator())
     save_asset(transformer, args.out, args.steps, args.seed)
     print(f"saved {args.out} in {time.time() - t0:.0f}s total", flush=True)
 
