@@ -110,3 +110,39 @@ def test_the_monet_cat_demo_runs_on_the_toy_flow_model(tmp_path):
     assert lora and all(k.startswith("transformer.") for k in lora)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and {"oracle", "cat_in_monet"} <= set(metrics[0]["eval_before"])
+
+
+def _stage(cache, steps, ema_decay, stop_after=None):
+    """train_stage on a one-layer model and 8 fake latents (what both toy trainers' loop does);
+    `stop_after` calls of the loss, it stops as a killed process would."""
+    from raft_diffusion.toyworld.train_sd import train_stage
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    data = {"ids": np.arange(8 * 2 * 77).reshape(8, 2, 77) % 500, "empty": np.zeros(77, dtype=np.int64)}
+    mean, std = torch.randn(8, 4, 2, 2), torch.rand(8, 4, 2, 2)
+    calls = []
+
+    def loss_of(x0, tokens, g):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return (model(x0.permute(0, 2, 3, 1)) - tokens[:, :1, None, None].float() / 500).pow(2).mean()
+
+    train_stage("m", {"m": model}, loss_of, data, mean, std, 1.0, cache, steps, 4, 1e-2, 0, ema_decay=ema_decay)
+    return load_file(str(cache / "m/m.safetensors")), load_file(str(cache / "m/ema_m.safetensors"))
+
+
+def test_the_toy_trainers_loop_resumes_exactly_with_its_weight_average(tmp_path, monkeypatch):
+    from raft_diffusion.toyworld import train_sd
+
+    monkeypatch.setattr(train_sd, "CHECKPOINT_SECONDS", -1)  # a checkpoint after every step
+    straight = _stage(tmp_path / "a", 6, 0.9)
+    with pytest.raises(KeyboardInterrupt):
+        _stage(tmp_path / "b", 6, 0.9, stop_after=4)
+    assert json.loads((tmp_path / "b/m/state.json").read_text())["step"] == 4
+    resumed = _stage(tmp_path / "b", 6, 0.9)
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights, average = straight
+    assert not torch.equal(weights["weight"], average["weight"])  # an average, not a copy

@@ -13,7 +13,8 @@ their denoiser and objective. Stages, each resumable from `--cache` (default
    learning-rate cycle: first with SD 3's shift of 3 towards noise, then with shift 1. At 64 px
    (8x8 patches) shift 3 leaves sigmas below 0.3 under 3% of the training, and the model drew
    blobs: the SD 3 paper's shift grows with the resolution, and 1 fits this one. The asset's
-   scheduler samples with the last phase's shift, and RAFT fine-tunes with it.
+   scheduler samples with the last phase's shift, and RAFT fine-tunes with it. The shipped weights
+   are an exponential moving average of the trained ones (`EMA_DECAY`), as DiTs are sampled.
 
 The text encoder is SD 3's pair of CLIP encoders made of the one toy encoder: it serves as
 `text_encoder` and `text_encoder_2` (CLIPTextModelWithProjection with an identity projection), and
@@ -40,6 +41,7 @@ from .train_sd import RESOLUTION, arguments, load_data, load_stage, to_tensor, t
 # (last step, sigma shift) of each training phase: a cosine learning-rate cycle each, resumed from
 # the phase before; the first two are the shift-3 training this model started with.
 PHASES = ((4500, 3.0), (9000, 3.0), (14000, 1.0))
+EMA_DECAY = 0.999  # the shipped weights are this average of the training weights (from step 10,958 on)
 T5_TOKENS = 0  # the T5 part of the prompt sequence this model was trained with (see the docstring)
 TEXT_DIM = 96  # the toy text encoder's width
 
@@ -119,7 +121,7 @@ def train(data, mean, std, scale: float, text, cache: Path, steps: int, batch: i
         return F.mse_loss(pred, noise - x0)
 
     train_stage("transformer", {"transformer": transformer}, loss_of, data, mean, std, scale, cache, steps, batch,
-                lr, seed)
+                lr, seed, ema_decay=EMA_DECAY)
     return transformer
 
 
@@ -131,6 +133,17 @@ def phases(steps: int) -> list[tuple[int, float]]:
         if end >= steps:
             break
     return out
+
+
+def trained_weights(cache: Path) -> tuple:
+    """The transformer of the latest checkpoint (its moving average where it has one) and its step."""
+    transformer = make_transformer()
+    ckpt = cache / "transformer"
+    step = load_stage(ckpt, {"transformer": transformer}, torch.optim.AdamW(transformer.parameters()),
+                      torch.Generator())
+    if (ckpt / "ema_transformer.safetensors").is_file():
+        transformer.load_state_dict(load_file(str(ckpt / "ema_transformer.safetensors")))
+    return transformer.eval(), step
 
 
 def checkpoint_step(ckpt: Path) -> int:
@@ -163,10 +176,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cache = args.cache / f"seed{args.seed}"
     if args.export:
-        transformer = make_transformer()
-        step = load_stage(cache / "transformer", {"transformer": transformer},
-                          torch.optim.AdamW(transformer.parameters()), torch.Generator())
-        save_asset(transformer.eval(), args.out, step, args.seed)
+        transformer, step = trained_weights(cache)
+        save_asset(transformer, args.out, step, args.seed)
         print(f"exported step {step} to {args.out}", flush=True)
         return
     cache.mkdir(parents=True, exist_ok=True)
@@ -181,10 +192,8 @@ def main() -> None:
         if checkpoint_step(cache / "transformer") >= end:
             continue  # a phase done before
         print(f"phase to step {end}: sigma shift {shift}", flush=True)
-        transformer = train(data, mean, std, scale, text, cache, end, args.batch, args.lr, args.seed, shift)
-    transformer = make_transformer()
-    load_stage(cache / "transformer", {"transformer": transformer}, torch.optim.AdamW(transformer.parameters()),
-               torch.Generator())
+        train(data, mean, std, scale, text, cache, end, args.batch, args.lr, args.seed, shift)
+    transformer, _ = trained_weights(cache)
     save_asset(transformer, args.out, args.steps, args.seed)
     print(f"saved {args.out} in {time.time() - t0:.0f}s total", flush=True)
 

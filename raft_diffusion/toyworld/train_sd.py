@@ -13,6 +13,7 @@ The result is a diffusers pipeline directory in fp16 safetensors, loadable offli
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -177,11 +178,14 @@ def encode_all(vae: AutoencoderKL, data, cache: Path) -> tuple[torch.Tensor, tor
 
 
 def train_stage(name: str, modules: dict[str, torch.nn.Module], loss_of, data, mean: torch.Tensor,
-                std: torch.Tensor, scale: float, cache: Path, steps: int, batch: int, lr: float, seed: int) -> None:
+                std: torch.Tensor, scale: float, cache: Path, steps: int, batch: int, lr: float, seed: int,
+                ema_decay: float = 0.0) -> None:
     """The denoiser training loop of both toy models, resumable from `cache`/`name`: AdamW, a short
     warm-up then cosine decay to 10%, batches of latents drawn from each image's posterior with one
     of its caption templates (10% dropped to the empty prompt: the unconditional model), clipped
-    steps, a checkpoint every few minutes. `loss_of(x0, tokens, g)` is the model's own objective."""
+    steps, a checkpoint every few minutes. `loss_of(x0, tokens, g)` is the model's own objective.
+    With `ema_decay`, an exponential moving average of each module's weights is kept beside it
+    (`ema_NAME` in the checkpoint; started from the weights of a checkpoint that has none)."""
     params = [p for module in modules.values() for p in module.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     g = torch.Generator().manual_seed(seed)
@@ -189,6 +193,12 @@ def train_stage(name: str, modules: dict[str, torch.nn.Module], loss_of, data, m
     start = load_stage(ckpt, modules, opt, g)
     if start:
         print(f"resumed {name} at step {start}", flush=True)
+    averages = {f"ema_{k}": copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()} if ema_decay else {}
+    for key, average in averages.items():
+        if (ckpt / f"{key}.safetensors").is_file():
+            average.load_state_dict(load_file(str(ckpt / f"{key}.safetensors")))
+        elif start:
+            print(f"{key}: none in the checkpoint at step {start}; the average starts there", flush=True)
     ids, empty = torch.from_numpy(data["ids"]).long(), torch.from_numpy(data["empty"]).long()
     n, n_templates = ids.shape[0], ids.shape[1]
     for module in modules.values():
@@ -196,7 +206,7 @@ def train_stage(name: str, modules: dict[str, torch.nn.Module], loss_of, data, m
     t0, last_save, losses = time.time(), time.time(), []
 
     def save(step: int) -> None:
-        save_stage(ckpt, modules, opt, g, step)
+        save_stage(ckpt, {**modules, **averages}, opt, g, step)
 
     for step in range(start, steps):
         for group in opt.param_groups:  # short warm-up, then cosine decay to 10%
@@ -213,6 +223,10 @@ def train_stage(name: str, modules: dict[str, torch.nn.Module], loss_of, data, m
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            for key, module in modules.items() if averages else ():
+                for a, p in zip(averages[f"ema_{key}"].parameters(), module.parameters()):
+                    a.lerp_(p, 1 - ema_decay)
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             rate = (time.time() - t0) / max(1, len(losses))
