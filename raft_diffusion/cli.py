@@ -23,6 +23,7 @@ except ImportError:  # older typer runs on click itself (then a dependency of ty
     from click import exceptions as _click_errors
 
 DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml",
+         "monet-cat-experts": "toy-monet-cat-experts.yaml",
          "text": "text-imdb-smollm2.yaml"}
 DEFAULT_DEMO = "monet-cat"
 # Demos that also evaluate the base model at another resolution: the toy SD's native R = 64 px.

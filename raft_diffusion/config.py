@@ -62,6 +62,36 @@ class PromptsConfig(_Strict):
     )
 
 
+class ExpertConfig(_Strict):
+    """A source of candidates beside the policy (RAFT's "other pre-trained experts, or even human"):
+    another model, sampled and never trained, or a folder of samples; ranked with the policy's own."""
+
+    model: Optional[str] = Field(
+        None, description="another model of the run's backend (hub id, local dir, single file or builtin:NAME)"
+    )
+    samples: Optional[str] = Field(
+        None, description="a folder with samples.jsonl rows {prompt, file} (images) or {prompt, text}, or builtin:NAME"
+    )
+    per_prompt: int = Field(..., gt=0, description="candidates this source adds to each prompt's group")
+    label: Optional[str] = Field(
+        None, min_length=1, description="its name in samples.jsonl (`source`) and metrics (default: expert1, ...)"
+    )
+    steps: Optional[int] = Field(None, gt=0, description="model expert, diffusion: its denoising steps")
+    guidance_scale: Optional[float] = Field(None, ge=0, description="model expert, diffusion: its guidance")
+    temperature: Optional[float] = Field(None, gt=0, description="model expert, text: its sampling temperature")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="model expert, text: its nucleus mass")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ExpertConfig":
+        if (self.model is None) == (self.samples is None):
+            raise ValueError("an expert is either a model or a samples folder: give exactly one of them")
+        if self.samples is not None:
+            given = [f for f in ("steps", "guidance_scale", "temperature", "top_p") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: generation settings apply to a model expert, not to samples")
+        return self
+
+
 class GenerationConfig(_Strict):
     resolution: int = Field(256, gt=0, le=4096, description="image side in pixels (diffusion), at most 4096")
     steps: int = Field(20, gt=0, description="denoising steps (diffusion)")
@@ -76,6 +106,21 @@ class GenerationConfig(_Strict):
     )
     temperature: float = Field(1.0, gt=0, description="text: sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="text: nucleus sampling mass")
+    experts: list[ExpertConfig] = Field(
+        default_factory=list, description="other sources of candidates, ranked with the policy's own: "
+        "[{model: PATH, per_prompt: N} or {samples: DIR, per_prompt: N}]"
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _labels(cls, experts: list[ExpertConfig]) -> list[ExpertConfig]:
+        for i, expert in enumerate(experts, 1):
+            if expert.label is None:
+                expert.label = f"expert{i}"
+        labels = [e.label for e in experts]
+        if len(set(labels)) < len(labels) or "policy" in labels:
+            raise ValueError(f"expert labels must differ from each other and from 'policy', got {labels}")
+        return experts
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -214,6 +259,8 @@ BACKEND_ONLY_FIELDS = {
     ("model", "trust_remote_code"): "text",
 }
 
+EXPERT_ONLY_FIELDS = {"steps": "diffusion", "guidance_scale": "diffusion", "temperature": "text", "top_p": "text"}
+
 
 class RunConfig(_Strict):
     backend: Literal["diffusion", "text"] = Field("diffusion", description="what is generated")
@@ -253,6 +300,11 @@ class RunConfig(_Strict):
                     and getattr(part, name) != type(part).model_fields[name].default):
                 raise UserError(f"config {section}.{name}", f"applies only to backend {backend}, and this run's "
                                 f"backend is {self.backend}", f"remove it, or set backend: {backend}")
+        for i, expert in enumerate(self.generation.experts):
+            for name, backend in EXPERT_ONLY_FIELDS.items():
+                if backend != self.backend and getattr(expert, name) is not None:
+                    raise UserError(f"config generation.experts.{i}.{name}", f"applies only to backend {backend}, "
+                                    f"and this run's backend is {self.backend}", "remove it")
         return self
 
     @model_validator(mode="after")
@@ -397,7 +449,10 @@ def field_help(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
     for name, field in model.model_fields.items():
         sub = _submodel(field.annotation)
         dotted = f"{prefix}{name}"
-        if sub is not None and sub is not RewardSpec:
+        if sub is ExpertConfig:  # a list of them: the list, then what each item holds
+            rows.append((dotted, "[]", field.description or ""))
+            rows += field_help(sub, dotted + "[].")
+        elif sub is not None and sub is not RewardSpec:
             rows += field_help(sub, dotted + ".")
         else:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))

@@ -1,7 +1,8 @@
 """The RAFT loop (Dong et al. 2023, arXiv 2304.06767), backend-agnostic.
 
     for each iteration:
-        1. Sample    K candidates for each of b prompts (one recorded seed per candidate)
+        1. Sample    K candidates for each of b prompts (one recorded seed per candidate), and
+                     the candidates of other experts beside them (experts.py), if any
         2. Score     reward = sum of weight * reward_i(sample, prompt); failures are dropped
         3. Select    the best of each prompt (per_prompt) or the best fraction (global)
         4. Fine-tune the adapter on the selected (prompt, sample) pairs (`training.objective: raft`;
@@ -30,6 +31,7 @@ from .config import RunConfig
 from .ema import LoraEMA
 from .distributed import gather, pad_to, seed_process, share, together, training_generator
 from .errors import RunFailed
+from .experts import POLICY, Experts, Slot, concat
 from .objectives import Targets, targets
 from .protocols import Backend, Samples
 from .rewards.compose import RewardSet, Scored, nanmean
@@ -40,11 +42,12 @@ from .trackers import log_iteration
 
 def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
          run: RunDirectory, accelerator: Accelerator, train_prompts: Sequence[str],
-         eval_prompts: Sequence[str], log: Callable[[str], None] = print, resume: bool = False
-         ) -> list[dict[str, Any]]:
+         eval_prompts: Sequence[str], log: Callable[[str], None] = print, resume: bool = False,
+         experts: Experts | None = None) -> list[dict[str, Any]]:
     """Run the RAFT iterations of `config` (with `resume`, from `run`'s newest intact checkpoint)
     and return the metrics. A diverged training step or failing rewards raise `RunFailed` before
-    anything of that iteration is saved."""
+    anything of that iteration is saved. `experts` (`generation.experts`, loaded) add candidates to
+    each prompt's group beside the policy's own."""
     K, b, seed = config.generation.samples_per_prompt, config.raft.prompts_per_iteration, config.raft.seed
     generator = training_generator(seed, accelerator)  # training noise, timesteps and batch order
     seed_process(seed, accelerator)  # LoRA dropout: every process its own, from here on
@@ -70,12 +73,16 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         if main:
             run.clear_samples(f"iter_{it:04d}")
         prompts, state["data_position"] = draw_prompts(train_prompts, state["data_position"], b, seed)
-        groups = [g for g in range(len(prompts)) for _ in range(K)]
-        everyone = [prompts[g] for g in groups], [sample_seed(seed, 1, it, j) for j in range(len(groups))]
+        slots = candidate_slots(prompts, K, seed, it, experts)
+        groups = [s.group for s in slots]
+        everyone = [prompts[g] for g in groups], [s.seed for s in slots]
         mine = share(len(groups), accelerator.num_processes, accelerator.process_index)  # what this process holds
 
         with timed(seconds, "generate"), stopped_at(it), sampler(ema):  # 1. Sample (this process's share)
-            samples = generate(backend, accelerator, *everyone, mine, trained=it > 0)
+            samples = generate(backend, accelerator, *everyone, mine, trained=it > 0, slots=slots, experts=experts,
+                               prompt_list=prompts, seconds=seconds)
+        if "encode" in seconds:  # expert candidates made trainable: timed apart
+            seconds["generate"] -= seconds["encode"]
         with timed(seconds, "score"), stopped_at(it):  # 2. Score it; only the scores are gathered
             scored = score(reward, accelerator, samples, groups)
         check_drops(scored, config, it)
@@ -93,10 +100,11 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
                                   f"iter_{it:04d}") if due else {}
 
         record = iteration_record(it, scored, chosen, loss, evaluation, seconds)  # 6. Record, checkpoint
+        record["sources"] = source_counts(slots, chosen, experts)
         if it == 0 and eval_before is not None:
             record["eval_before"] = eval_before
         save_samples(run, accelerator, f"iter_{it:04d}", backend, samples, mine,
-                     sample_rows(*everyone, scored, chosen))
+                     sample_rows(*everyone, scored, chosen, sources=[slot_fields(s) for s in slots]))
         rng = gather(accelerator, rng_state(generator))  # every process's random streams
         if main:
             run.append_metrics(record)
@@ -145,6 +153,33 @@ def sample_seed(seed: int, *key: int) -> int:
 
 
 # --- stopping a run that went wrong, before it saves anything ---------------------------------
+
+
+def candidate_slots(prompts: Sequence[str], K: int, seed: int, it: int, experts: Experts | None) -> list[Slot]:
+    """The iteration's candidates: the policy's K per prompt, then the experts' (experts.py)."""
+    policy = lambda j: sample_seed(seed, 1, it, j)  # noqa: E731
+    if experts is None:
+        return [Slot(g, POLICY, policy(j)) for j, g in enumerate(g for g in range(len(prompts)) for _ in range(K))]
+    return experts.slots(prompts, K, seed, it, policy)
+
+
+def slot_fields(slot: Slot) -> dict[str, Any]:
+    """What samples.jsonl records of a candidate's origin: its source, and a folder row's line."""
+    fields: dict[str, Any] = {"source": slot.source}
+    if slot.row is not None:
+        fields["origin"] = {"line": slot.row["line"], **({"file": slot.row["file"]} if "file" in slot.row else {})}
+    return fields
+
+
+def source_counts(slots: Sequence[Slot], chosen: Sequence[int], experts: Experts | None) -> dict[str, dict[str, int]]:
+    """Per source (the policy, each expert): how many candidates it gave and how many were selected."""
+    labels = experts.labels if experts is not None else [POLICY]
+    counts = {label: {"candidates": 0, "selected": 0} for label in labels}
+    for s in slots:
+        counts[s.source]["candidates"] += 1
+    for i in chosen:
+        counts[slots[i].source]["selected"] += 1
+    return counts
 
 
 def check_finite(samples: Samples, trained: bool) -> Samples:
@@ -233,10 +268,21 @@ def training_samples(samples: Samples, chosen: Targets, n: int, accelerator: Acc
 
 
 def generate(backend: Backend, accelerator: Accelerator, prompts: list[str], seeds: list[int], mine: range,
-             trained: bool, desc: str = "generate") -> Samples:
-    """This process's share (`mine`) of the samples of `prompts` and `seeds`, checked finite."""
-    return together(accelerator, lambda: check_finite(
-        backend.generate([prompts[i] for i in mine], [seeds[i] for i in mine], desc), trained))
+             trained: bool, desc: str = "generate", slots: Sequence[Slot] | None = None,
+             experts: Experts | None = None, prompt_list: Sequence[str] = (),
+             seconds: dict[str, float] | None = None) -> Samples:
+    """This process's share (`mine`) of the samples of `prompts` and `seeds`, checked finite: the
+    policy's own, then (with `experts`) the experts' candidates among `slots`."""
+    def make() -> Samples:
+        own = [i for i in mine if slots is None or slots[i].source == POLICY]
+        samples = backend.generate([prompts[i] for i in own], [seeds[i] for i in own], desc) if own else None
+        others = [slots[i] for i in mine if slots is not None and slots[i].source != POLICY]
+        if others:
+            extra = experts.make(backend, others, prompt_list, desc, seconds if seconds is not None else {})
+            samples = concat([samples, extra]) if samples is not None else extra
+        return check_finite(samples, trained)
+
+    return together(accelerator, make)
 
 
 def score(reward: RewardSet, accelerator: Accelerator, samples: Samples, groups: Sequence[int]) -> Scored:
@@ -308,14 +354,14 @@ def eval_parts(scored: Scored, judged: Scored | None) -> dict[str, np.ndarray]:
 
 
 def sample_rows(prompts: Sequence[str], seeds: Sequence[int], scored: Scored, chosen: Sequence[int],
-                judged: Scored | None = None) -> list[dict[str, Any]]:
+                judged: Scored | None = None, sources: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     chosen_set = set(chosen)
     parts = eval_parts(scored, judged) if judged is not None else scored.parts
     rows = []
     for i in range(len(prompts)):
         scores = {k: _num(v[i]) for k, v in parts.items()}
-        rows.append({"prompt": prompts[i], "seed": seeds[i], "reward": _num(scored.total[i]),
-                     "scores": scores, "selected": i in chosen_set})
+        rows.append({"prompt": prompts[i], "seed": seeds[i], **(sources[i] if sources is not None else {}),
+                     "reward": _num(scored.total[i]), "scores": scores, "selected": i in chosen_set})
     return rows
 
 

@@ -107,6 +107,8 @@ def _log_iteration(accelerator, run_dir: Path, record: dict[str, Any]) -> None:
              "reward_selected_mean": record.get("reward_selected_mean"),
              **{f"rewards/{k}": v for k, v in record.get("rewards", {}).items()},
              "n_selected": record.get("n_selected"), "n_dropped": record.get("n_dropped")}
+    if len(record.get("sources") or {}) > 1:  # with experts: each source's selections
+        train.update({f"selected/{k}": v["selected"] for k, v in record["sources"].items()})
     accelerator.log(_scalars("train/", train), step=it)
     done = {"train/loss": record.get("train_loss"), **{f"seconds/{k}": v for k, v in record["seconds"].items()}}
     accelerator.log(_scalars("", done), step=it + 1)

@@ -44,9 +44,10 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     for i, spec in enumerate(config.eval.judges):
         check_name(spec.name, f"config eval.judges.{i}.name")
         check_reads(spec.name, outputs, f"config eval.judges.{i}.name")
-    if config.selection.strategy == "per_prompt" and config.selection.top > config.generation.samples_per_prompt:
-        raise UserError("config selection.top", f"{config.selection.top} exceeds samples_per_prompt "
-                        f"{config.generation.samples_per_prompt}", "keep top <= generation.samples_per_prompt")
+    group = config.generation.samples_per_prompt + sum(e.per_prompt for e in config.generation.experts)
+    if config.selection.strategy == "per_prompt" and config.selection.top > group:
+        raise UserError("config selection.top", f"{config.selection.top} exceeds the {group} candidates of a prompt",
+                        "keep top <= generation.samples_per_prompt (plus the experts' per_prompt)")
     check_memory(config, len(eval_prompts))
     check_launcher(config.training.mixed_precision)
     check_processes(config, len(eval_prompts))
@@ -56,7 +57,15 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     main = os.environ.get("RANK", "0") == "0"  # other ranks of a multi-process run only read it
     mode = run.claim(yaml.safe_load(config_yaml), resume, overwrite, replaces) if main else "resume"
     try:
+        experts = None
+        if config.generation.experts:
+            from .experts import Experts
+
+            experts = Experts(config, search)  # folders read and checked, model paths too: before any model loads
+            experts.check_prompts(train_prompts, "prompts.train")
         accelerator, backend, reward, judges = _build(config)
+        if experts is not None:
+            experts.load(backend)
         reward.check_prompts(train_prompts, "config prompts.train")
         reward.check_prompts(eval_prompts, "config prompts.eval")
         judges.check_prompts(eval_prompts, "config prompts.eval")
@@ -74,7 +83,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
         trackers.start(accelerator, config)
         accelerator.wait_for_everyone()
         metrics = raft(config, backend, reward, judges, run, accelerator, train_prompts, eval_prompts, log,
-                       resume=mode == "resume" and resume)
+                       resume=mode == "resume" and resume, experts=experts)
         if after is not None:
             after()
         return metrics

@@ -43,7 +43,12 @@ SD3 = {"model": {"path": "builtin:tiny-sd3"},
        "lora": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out"]}}
 RUNS = {**{name: {"training": training} for name, training in OBJECTIVES.items()},
         "sd3-reward_weighted-ema-anchor": {**SD3, "training": OBJECTIVES["reward_weighted-ema-anchor"]},
-        "sd3-negative_aware-ema": {**SD3, "training": OBJECTIVES["negative_aware-ema"]}}
+        "sd3-negative_aware-ema": {**SD3, "training": OBJECTIVES["negative_aware-ema"]},
+        # candidates of another model and of a samples folder beside the policy's (their seeds and
+        # draws are functions of the run seed and the iteration)
+        "experts": {"generation": {"experts": [{"model": "builtin:tiny-sd", "per_prompt": 1, "steps": 2},
+                                               {"samples": "builtin:toy-monet-cats", "per_prompt": 2}]},
+                    "training": {}}}
 
 
 @pytest.mark.parametrize("objective", list(RUNS))

@@ -129,6 +129,33 @@ def _setup(tmp_path, case):
         value = {"resolution": 64, "steps": 4, "guidance_scale": 3.0, "scheduler": "dpm_solver", "eta": 0.5,
                  "negative_prompt": "blurry", "caption_dropout": 0.3}[name]
         cfg = deep_update(TEXT_CONFIG, {"model": {"path": str(tmp_path / "no-llama")}, section: {name: value}})
+    elif case.startswith("expert_"):
+        folder = tmp_path / "people"
+        expert = {"samples": str(folder), "per_prompt": 1}
+        if case != "expert_folder_missing":
+            folder.mkdir()
+            Image.new("RGB", (64, 64)).save(folder / "a.png")
+            Image.new("RGB", (32, 32)).save(folder / "small.png")
+            row = {"expert_row_not_json": "{prompt: a cat",
+                   "expert_row_without_file": '{"prompt": "a cat in monet style"}',
+                   "expert_text_rows_for_images": '{"prompt": "a cat in monet style", "text": "a cat"}',
+                   "expert_picture_of_another_resolution": '{"prompt": "a cat in monet style", "file": "small.png"}',
+                   "expert_picture_missing": '{"prompt": "a cat in monet style", "file": "b.png"}',
+                   "expert_rows_for_no_training_prompt": '{"prompt": "a dog", "file": "a.png"}',
+                   }.get(case, '{"prompt": "a cat in monet style", "file": "a.png"}')
+            (folder / "samples.jsonl").write_text(row + "\n")
+        if case == "expert_model_of_the_other_backend":  # a causal LM's directory in a diffusion run
+            (tmp_path / "llama").mkdir()
+            (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+            expert = {"model": str(tmp_path / "llama"), "per_prompt": 1}
+        elif case == "expert_without_a_source":
+            expert = {"per_prompt": 1}
+        elif case == "expert_temperature_for_diffusion":
+            expert = {"model": "builtin:tiny-sd", "per_prompt": 1, "temperature": 0.5}
+        cfg["generation"]["experts"] = [expert]
+        if case == "expert_diffusion_model_for_text":
+            cfg = deep_update(TEXT_CONFIG, {"model": {"path": "builtin:smollm2-135m"}, "generation": {
+                "experts": [{"model": "builtin:tiny-sd", "per_prompt": 1}]}})
     elif case in ("missing_clip_weights", "pickled_aesthetic_head"):
         import json
 
@@ -199,6 +226,17 @@ CASES = {
     "text_reward_on_images": "rewards.0.name",
     "unknown_reward_option": "rewards.0.options",
     "missing_clip_weights": "rewards.0.options.pretrained",
+    "expert_folder_missing": "generation.experts.0.samples",
+    "expert_row_not_json": "generation.experts.0.samples",
+    "expert_row_without_file": "generation.experts.0.samples",
+    "expert_text_rows_for_images": "generation.experts.0.samples",
+    "expert_picture_of_another_resolution": "generation.experts.0.samples",
+    "expert_picture_missing": "generation.experts.0.samples",
+    "expert_rows_for_no_training_prompt": "generation.experts.0.samples",
+    "expert_model_of_the_other_backend": "generation.experts.0.model",
+    "expert_diffusion_model_for_text": "generation.experts.0.model",
+    "expert_without_a_source": "generation.experts.0",
+    "expert_temperature_for_diffusion": "generation.experts.0.temperature",
     "pickled_aesthetic_head": "rewards.0.options.head",
 }
 

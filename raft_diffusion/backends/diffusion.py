@@ -332,6 +332,41 @@ def generate_latents(pipe: StableDiffusionPipeline, cond: Cond, uncond: Cond | N
     return torch.cat(latents), torch.cat(images)
 
 
+@torch.inference_mode()
+def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] -> scaled latents (N, C, h, w) on the CPU: the VAE posterior's
+    mean (deterministic), shifted and scaled as the denoiser sees latents (`decode_latents` undone)."""
+    vae, out = pipe.vae, []
+    for idx in _chunks(len(images), batch_size):
+        mean = vae.encode(images[idx].to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+        if getattr(vae.config, "shift_factor", None):
+            mean = mean - vae.config.shift_factor
+        out.append((mean * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+class DiffusionExpert:
+    """Another diffusers pipeline that adds candidates (`generation.experts: [{model: ...}]`): sampled
+    at the run's resolution with the run's generation settings (its `steps` and `guidance_scale` if
+    given; an SD 3 expert with its own Euler sampler), frozen, never trained."""
+
+    def __init__(self, spec, config: RunConfig, device, field: str):
+        pipe = load_pipeline(spec.model, config.model.dtype, field=field)
+        check_resolution(pipe, config.generation.resolution, field)
+        self.gen = config.generation.model_copy(update={k: getattr(spec, k) for k in ("steps", "guidance_scale")
+                                                         if getattr(spec, k) is not None})
+        pipe.scheduler = make_scheduler(pipe, self.gen.scheduler)  # SD 3: its own Euler, no eta
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False).eval()
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device)
+
+    def generate(self, prompts: list[str], seeds: list[int], desc: str) -> torch.Tensor:
+        cond, uncond = encode_prompts(self.pipe, prompts, self.gen)
+        return generate_latents(self.pipe, cond, uncond, seeds, self.gen, desc)[1]
+
+
 def _present_targets(denoiser, targets: list[str], family, say: bool) -> list[str]:
     """`lora.target_modules` less the layers only the other family has (a UNet's convolutions on SD 3's
     transformer), said in one line; left whole when that would leave nothing, so the check names them."""
@@ -404,6 +439,22 @@ class DiffusionBackend:
         latents, images = generate_latents(self.pipe, cond, uncond, seeds, self.config.generation, desc,
                                            show=self.accelerator.is_local_main_process)
         return Samples(prompts=list(prompts), seeds=list(seeds), outputs=images,
+                       payload={"latents": latents, **{k: v.float().cpu() for k, v in cond.items()}})
+
+    # -- candidates of other experts (experts.py) ---------------------------------------------
+
+    output_kind = "image"
+
+    def load_expert(self, spec, field: str) -> DiffusionExpert:
+        return DiffusionExpert(spec, self.config, self.device, field)
+
+    def adopt(self, prompts: list[str], seeds: list, images: torch.Tensor) -> Samples:
+        """Expert images as candidates the LoRA trains on: latents from this pipeline's VAE, prompt
+        encodings from its text encoders (what `generate` keeps of its own samples)."""
+        gen = self.config.generation
+        cond, _ = encode_prompts(self.pipe, prompts, gen)
+        latents = encode_images(self.pipe, images, gen.batch_size)
+        return Samples(prompts=list(prompts), seeds=list(seeds), outputs=images.float().cpu(),
                        payload={"latents": latents, **{k: v.float().cpu() for k, v in cond.items()}})
 
     # -- fine-tuning ------------------------------------------------------------------------

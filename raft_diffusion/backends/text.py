@@ -221,6 +221,36 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 # --- the backend ---------------------------------------------------------------------------------
 
 
+def stop_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a sample: the tokenizer's EOS and the model's generation config's."""
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+
+
+class TextExpert:
+    """Another causal LM that adds candidates (`generation.experts: [{model: ...}]`): sampled with the
+    run's generation settings (its `temperature` and `top_p` if given) and its own tokenizer, frozen,
+    never trained."""
+
+    def __init__(self, spec, config: RunConfig, device, field: str):
+        model, self.tokenizer = load_causal_lm(spec.model, None, config.model.dtype, None,
+                                               config.model.trust_remote_code, field=field)
+        self.model = model.requires_grad_(False).to(device).eval()
+        self.gen = config.generation.model_copy(update={k: getattr(spec, k) for k in ("temperature", "top_p")
+                                                         if getattr(spec, k) is not None})
+        self.pad_id, self.eos_ids = self.tokenizer.pad_token_id, stop_ids(model, self.tokenizer)
+
+    def generate(self, prompts: list[str], seeds: list[int], desc: str) -> list[str]:
+        gen, responses = self.gen, []
+        prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        for start in range(0, len(prompts), gen.batch_size):
+            end = min(len(prompts), start + gen.batch_size)
+            responses += sample(self.model, prompt_ids[start:end], seeds[start:end], gen.max_new_tokens,
+                                self.pad_id, self.eos_ids, gen.temperature, gen.top_p)
+        return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+
 class TextBackend:
     """RAFT's generator for text: a causal LM whose attention carries a trainable LoRA."""
 
@@ -250,9 +280,7 @@ class TextBackend:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         model.to(self.device).eval()
-        self.pad_id = self.tokenizer.pad_token_id
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self.pad_id, self.eos_ids = self.tokenizer.pad_token_id, stop_ids(model, self.tokenizer)
         train = config.training
         optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -284,6 +312,20 @@ class TextBackend:
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return Samples(prompts=list(prompts), seeds=list(seeds), outputs=texts,
                        payload={"prompt_ids": prompt_ids, "response_ids": responses})
+
+    # -- candidates of other experts (experts.py) ---------------------------------------------
+
+    output_kind = "text"
+
+    def load_expert(self, spec, field: str) -> TextExpert:
+        return TextExpert(spec, self.config, self.device, field)
+
+    def adopt(self, prompts: list[str], seeds: list, texts: list[str]) -> Samples:
+        """Expert texts as candidates the LoRA trains on: tokenized with the policy's tokenizer (no
+        special tokens added), after the prompt's own ids."""
+        responses = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return Samples(prompts=list(prompts), seeds=list(seeds), outputs=list(texts),
+                       payload={"prompt_ids": [self.encode(p) for p in prompts], "response_ids": responses})
 
     # -- fine-tuning ------------------------------------------------------------------------
 

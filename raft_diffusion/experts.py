@@ -1,0 +1,256 @@
+"""Candidates from other experts: RAFT's data-collection step may "combine sampled results from other
+pre-trained experts (e.g., LLaMA, ChatGPT, or even human)" (Dong et al. 2023, section 3).
+
+`generation.experts` lists them beside the policy:
+- `{model: PATH, per_prompt: N}`: another model of the run's backend, sampled with seeds of its own
+  (`sample_seed(run seed, 3, expert, iteration, j)`) and never trained;
+- `{samples: DIR, per_prompt: N}`: a folder whose `samples.jsonl` has `{prompt, file}` rows (images
+  of the run's resolution) or `{prompt, text}` rows. Each iteration, the rows of each of its prompts
+  are drawn without replacement with the run's seed (up to N; a prompt without rows gets none).
+
+Each prompt's group holds the policy's K candidates and then each expert's: the same rewards score
+them and the same selection ranks them. The backend makes them trainable (`Backend.adopt`): the
+diffusion backend encodes expert images with its VAE (the only place the loop encodes an image;
+`seconds.encode`), the text backend tokenizes expert texts with the policy's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ExpertConfig, RunConfig
+from .errors import UserError
+from .paths import ASSETS
+
+POLICY = "policy"
+BUILTIN_SAMPLES = {"toy-monet-cats": "toyworld/monet-cats"}
+
+
+@dataclass
+class Slot:
+    """One candidate of an iteration: its prompt's group, its source and how to make it."""
+
+    group: int
+    source: str  # "policy" or the expert's label
+    seed: int | None  # sampling seed (policy and model experts)
+    row: dict[str, Any] | None = None  # a samples folder's row
+
+
+def resolve_samples_dir(value: str, field: str, search: Sequence[Path] = ()) -> Path:
+    """`builtin:NAME`, or a folder path (relative ones as prompt files are found: here, then beside
+    the config)."""
+    if value.startswith("builtin:"):
+        name = value[len("builtin:"):]
+        if name not in BUILTIN_SAMPLES:
+            raise UserError(field, f"unknown built-in samples {name!r}", f"available: {', '.join(BUILTIN_SAMPLES)}")
+        return ASSETS / BUILTIN_SAMPLES[name]
+    from .prompts import resolve_path
+
+    return resolve_path(str(Path(value).expanduser()), search)
+
+
+class SampleFolder:
+    """A folder of candidates that people (or any program) made, read and checked once."""
+
+    def __init__(self, spec: ExpertConfig, field: str, kind: str, resolution: int | None, search: Sequence[Path] = ()):
+        self.label, self.per_prompt = spec.label, spec.per_prompt
+        self.directory = resolve_samples_dir(spec.samples, field, search)
+        index = self.directory / "samples.jsonl"
+        if not index.is_file():
+            what = "has no samples.jsonl" if self.directory.is_dir() else "does not exist"
+            raise UserError(field, f"{self.directory} {what}",
+                            "give a folder with a samples.jsonl of {prompt, file} or {prompt, text} rows")
+        key = "file" if kind == "image" else "text"
+        other = "text" if kind == "image" else "file"
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        try:
+            text = index.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise UserError(field, f"{index} is not UTF-8 (bad byte at offset {e.start})", "save it as UTF-8") from None
+        self.field = field
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{index}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(field, f"{where} is not JSON ({e.msg})", "write one JSON object per line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise UserError(field, f"{where} has no \"prompt\" string", f"write {{\"prompt\": ..., \"{key}\": ...}}")
+            if not isinstance(row.get(key), str):
+                why = (f"has {other!r} where this {'diffusion' if kind == 'image' else 'text'} run needs {key!r}"
+                       if other in row else f"has no {key!r} string")
+                raise UserError(field, f"{where} {why}", f"write {{\"prompt\": ..., \"{key}\": ...}}")
+            if kind == "image":
+                self._check_image(row["file"], where, field, resolution)
+            elif not row["text"].strip():
+                raise UserError(field, f"{where} has an empty text", "remove the row, or write its text")
+            self.rows.setdefault(row["prompt"], []).append({"prompt": row["prompt"], key: row[key], "line": n})
+        if not self.rows:
+            raise UserError(field, f"{index} has no rows", "add {prompt, file} or {prompt, text} rows")
+
+    def _check_image(self, name: str, where: str, field: str, resolution: int | None) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.directory / name
+        if not path.is_file():
+            raise UserError(field, f"{where}: {path} is missing", "fix the row's file, relative to the folder")
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except (UnidentifiedImageError, OSError):
+            raise UserError(field, f"{where}: {path} is not an image", "use PNG or JPEG files") from None
+        if resolution is not None and size != (resolution, resolution):
+            raise UserError(field, f"{where}: {name} is {size[0]}x{size[1]} and the run generates "
+                            f"{resolution}x{resolution}", "resize the samples, or set generation.resolution to match")
+
+    def check_prompts(self, prompts: Sequence[str], field: str) -> None:
+        """Refuse a folder none of whose rows would ever be drawn: rows match prompts exactly."""
+        if not set(self.rows) & set(prompts):
+            example = next(iter(self.rows))
+            raise UserError(self.field, f"none of its {len(self.rows)} prompts (e.g. {example!r}) is among {field}",
+                            "write rows for the training prompts, worded exactly as there")
+
+    def draw(self, prompt: str, seed: int, it: int, expert: int, group: int) -> list[dict[str, Any]]:
+        rows = self.rows.get(prompt, [])
+        if not rows:
+            return []
+        rng = np.random.default_rng([seed, 4, expert, it, group])
+        picks = rng.permutation(len(rows))[:self.per_prompt]
+        return [rows[i] for i in sorted(picks)]
+
+    def load(self, rows: Sequence[dict[str, Any]], kind: str) -> Any:
+        """The rows' outputs as the rewards read them: images (N, 3, H, W) in [0, 1], or texts."""
+        if kind == "text":
+            return [r["text"] for r in rows]
+        from PIL import Image
+
+        arrays = [np.array(Image.open(self.directory / r["file"]).convert("RGB")) for r in rows]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+class Experts:
+    """The run's experts: their folders read and checked, and their model paths, before any model
+    is loaded (`Experts(config)`); then their models loaded beside the policy (`load(backend)`)."""
+
+    def __init__(self, config: RunConfig, search: Sequence[Path] = ()):
+        self.specs = list(config.generation.experts)
+        self.kind = "image" if config.backend == "diffusion" else "text"
+        resolution = config.generation.resolution if self.kind == "image" else None
+        self.sources: list[Any] = []
+        for i, spec in enumerate(self.specs):
+            if spec.samples is not None:
+                self.sources.append(SampleFolder(spec, f"config generation.experts.{i}.samples", self.kind, resolution,
+                                                 search))
+            else:
+                check_model_path(config.backend, spec.model, f"config generation.experts.{i}.model")
+                self.sources.append(None)
+
+    def check_prompts(self, prompts: Sequence[str], field: str) -> None:
+        for source in self.sources:
+            if isinstance(source, SampleFolder):
+                source.check_prompts(prompts, field)
+
+    def load(self, backend) -> "Experts":
+        for i, spec in enumerate(self.specs):
+            if self.sources[i] is None:
+                self.sources[i] = backend.load_expert(spec, f"config generation.experts.{i}.model")
+        return self
+
+    @property
+    def labels(self) -> list[str]:
+        return [POLICY] + [s.label for s in self.specs]
+
+    def slots(self, prompts: Sequence[str], K: int, seed: int, it: int, policy_seed) -> list[Slot]:
+        """The iteration's candidates: the policy's K per prompt (in the order and with the seeds of
+        a run without experts), then each expert's, prompt by prompt."""
+        slots = [Slot(g, POLICY, policy_seed(j)) for j, g in enumerate(g for g in range(len(prompts)) for _ in range(K))]
+        for e, (spec, source) in enumerate(zip(self.specs, self.sources)):
+            if isinstance(source, SampleFolder):
+                for g, prompt in enumerate(prompts):
+                    slots += [Slot(g, spec.label, None, row) for row in source.draw(prompt, seed, it, e, g)]
+            else:
+                j = 0
+                for g in range(len(prompts)):
+                    for _ in range(spec.per_prompt):
+                        slots.append(Slot(g, spec.label, _expert_seed(seed, e, it, j)))
+                        j += 1
+        return slots
+
+    def make(self, backend, slots: Sequence[Slot], prompts: Sequence[str], desc: str, seconds: dict[str, float]):
+        """Samples of the expert `slots` (those this process holds), in their order, made trainable;
+        the time spent making expert outputs trainable goes to `seconds["encode"]`."""
+        import time
+
+        parts, order = [], []
+        for label, source in zip(self.labels[1:], self.sources):
+            mine = [k for k, s in enumerate(slots) if s.source == label]
+            if not mine:
+                continue
+            these = [slots[k] for k in mine]
+            texts = [prompts[s.group] for s in these]
+            if isinstance(source, SampleFolder):
+                out = source.load([s.row for s in these], self.kind)
+            else:
+                out = source.generate(texts, [s.seed for s in these], f"{desc} {label}")
+            t0 = time.perf_counter()
+            parts.append(backend.adopt(texts, [s.seed for s in these], out))
+            seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - t0
+            order += mine
+        merged = concat(parts)
+        position = {k: i for i, k in enumerate(order)}
+        return merged.select([position[k] for k in sorted(order)])
+
+
+def check_model_path(backend: str, path: str, field: str) -> None:
+    """What can be known of a model expert's path before loading anything: that a `builtin:NAME`
+    is one of the run's backend (other paths are tried when loaded)."""
+    if backend == "text":
+        from .backends.text import resolve_model
+
+        resolve_model(path, None, field)
+        return
+    from .backends.diffusion import BUILTINS
+
+    if path.startswith("builtin:") and path[len("builtin:"):] not in BUILTINS:
+        raise UserError(field, f"unknown built-in diffusion model {path[len('builtin:'):]!r}",
+                        f"available: {', '.join(BUILTINS)}")
+
+
+def _expert_seed(seed: int, expert: int, it: int, j: int) -> int:
+    from .loop import sample_seed
+
+    return sample_seed(seed, 3, expert, it, j)
+
+
+def concat(parts: Sequence[Any]):
+    """One `Samples` of several, in order (payload tensors concatenated, lists joined)."""
+    from .protocols import Samples
+
+    parts = [p for p in parts if len(p)]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return Samples([], [], [], {})
+    first = parts[0]
+
+    def join(values):
+        if isinstance(values[0], torch.Tensor):
+            return torch.cat(values)
+        return [x for v in values for x in v]
+
+    keys = set(first.payload)
+    for p in parts[1:]:
+        if set(p.payload) != keys:
+            raise RuntimeError(f"candidates of different payloads: {sorted(keys)} and {sorted(p.payload)}")
+    return Samples(prompts=[x for p in parts for x in p.prompts], seeds=[x for p in parts for x in p.seeds],
+                   outputs=join([p.outputs for p in parts]),
+                   payload={k: join([p.payload[k] for p in parts]) for k in first.payload})
