@@ -10,13 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from raft_diffusion.backends.diffusion import encode_prompts, generate_latents, load_pipeline
+from raft_diffusion.backends.diffusion import encode_prompts, load_pipeline
 from raft_diffusion.config import GenerationConfig
 from raft_diffusion.paths import ASSETS
 from raft_diffusion.tokenizer import clip_tokenizer
 from raft_diffusion.toyworld import oracle, train_flow
 
 from .conftest import run_cli
+from .test_toy_sd import draw_in_distribution, one_thread_pipeline
 
 FLOW = ASSETS / "toyworld/toy-shapes-flow"
 MIN_JUDGED = 0.625  # 8 prompts, one image each: 6 right when measured (83% held out on these styles)
@@ -69,12 +70,7 @@ def test_training_phases_are_cut_at_the_steps_asked_and_the_asset_samples_with_t
 
 @pytest.fixture(scope="module")
 def flow_pipe():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pipe = load_pipeline("builtin:toy-shapes-flow")
-    pipe.set_progress_bar_config(disable=True)
-    yield pipe
-    torch.set_num_threads(before)
+    yield from one_thread_pipeline("builtin:toy-shapes-flow")
 
 
 def test_the_shipped_flow_model_is_fp16_on_disk_and_fp32_when_loaded(flow_pipe):
@@ -86,12 +82,7 @@ def test_the_shipped_flow_model_is_fp16_on_disk_and_fp32_when_loaded(flow_pipe):
 
 
 def test_the_shipped_flow_model_draws_what_in_distribution_prompts_ask_at_64_px(flow_pipe):
-    prompts = ["a red circle in plain style", "a blue square in striped style", "a green star in dotted style",
-               "a yellow heart in plain style", "a purple triangle in striped style", "an orange cat in dotted style",
-               "a blue cat in plain style", "a red star in striped style"]
-    gen = GenerationConfig(resolution=64, steps=20, guidance_scale=4.0, batch_size=8)
-    cond, uncond = encode_prompts(flow_pipe, prompts, gen)
-    _, images = generate_latents(flow_pipe, cond, uncond, list(range(len(prompts))), gen, desc="test")
+    images, prompts = draw_in_distribution(flow_pipe)
     assert images.shape == (8, 3, 64, 64)
     hits = oracle.attribute_hits(images, prompts)
     assert np.mean([h["colour"] for h in hits]) == 1.0 and np.mean([h["style"] for h in hits]) >= 0.875

@@ -21,14 +21,33 @@ from .conftest import run_cli
 TOY = ASSETS / "toyworld/toy-shapes"
 
 
-@pytest.fixture(scope="module")
-def toy_pipe():
+# In-distribution prompts the toy models are asked to draw, one image each.
+IN_DISTRIBUTION = ["a red circle in plain style", "a blue square in striped style", "a green star in dotted style",
+                   "a yellow heart in plain style", "a purple triangle in striped style",
+                   "an orange cat in dotted style", "a blue cat in plain style", "a red star in striped style"]
+
+
+def one_thread_pipeline(name: str):
+    """A module fixture's body: the builtin `name` loaded, sampled on one torch thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    pipe = load_pipeline("builtin:toy-shapes")
+    pipe = load_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
     yield pipe
     torch.set_num_threads(before)
+
+
+def draw_in_distribution(pipe) -> tuple[torch.Tensor, list[str]]:
+    """The IN_DISTRIBUTION prompts at 64 px, 20 steps, guidance 4, seeds 0-7."""
+    gen = GenerationConfig(resolution=64, steps=20, guidance_scale=4.0, batch_size=8)
+    cond, uncond = encode_prompts(pipe, IN_DISTRIBUTION, gen)
+    _, images = generate_latents(pipe, cond, uncond, list(range(len(IN_DISTRIBUTION))), gen, desc="test")
+    return images, IN_DISTRIBUTION
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    yield from one_thread_pipeline("builtin:toy-shapes")
 
 
 def test_toy_shapes_loads_offline_as_a_builtin_with_sd_s_clip_tokenizer(toy_pipe):
@@ -52,12 +71,7 @@ def test_toy_sd_is_fp16_safetensors_and_all_toy_assets_fit_in_60_mb():
 
 
 def test_toy_shapes_draws_what_in_distribution_prompts_ask_at_64_px(toy_pipe):
-    prompts = ["a red circle in plain style", "a blue square in striped style", "a green star in dotted style",
-               "a yellow heart in plain style", "a purple triangle in striped style", "an orange cat in dotted style",
-               "a blue cat in plain style", "a red star in striped style"]
-    gen = GenerationConfig(resolution=64, steps=20, guidance_scale=4.0, batch_size=8)
-    cond, uncond = encode_prompts(toy_pipe, prompts, gen)
-    _, images = generate_latents(toy_pipe, cond, uncond, list(range(len(prompts))), gen, desc="test")
+    images, prompts = draw_in_distribution(toy_pipe)
     assert images.shape == (8, 3, 64, 64)
     assert np.mean(oracle.judge(images, prompts)) >= 0.75
 
