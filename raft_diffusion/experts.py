@@ -169,10 +169,9 @@ class Experts:
     def labels(self) -> list[str]:
         return [POLICY] + [s.label for s in self.specs]
 
-    def slots(self, prompts: Sequence[str], K: int, seed: int, it: int, policy_seed) -> list[Slot]:
-        """The iteration's candidates: the policy's K per prompt (in the order and with the seeds of
-        a run without experts), then each expert's, prompt by prompt."""
-        slots = [Slot(g, POLICY, policy_seed(j)) for j, g in enumerate(g for g in range(len(prompts)) for _ in range(K))]
+    def slots(self, prompts: Sequence[str], seed: int, it: int) -> list[Slot]:
+        """The experts' candidates of an iteration (they follow the policy's): each expert's, prompt by prompt."""
+        slots: list[Slot] = []
         for e, (spec, source) in enumerate(zip(self.specs, self.sources)):
             if isinstance(source, SampleFolder):
                 for g, prompt in enumerate(prompts):

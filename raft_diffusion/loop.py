@@ -156,11 +156,11 @@ def sample_seed(seed: int, *key: int) -> int:
 
 
 def candidate_slots(prompts: Sequence[str], K: int, seed: int, it: int, experts: Experts | None) -> list[Slot]:
-    """The iteration's candidates: the policy's K per prompt, then the experts' (experts.py)."""
-    policy = lambda j: sample_seed(seed, 1, it, j)  # noqa: E731
-    if experts is None:
-        return [Slot(g, POLICY, policy(j)) for j, g in enumerate(g for g in range(len(prompts)) for _ in range(K))]
-    return experts.slots(prompts, K, seed, it, policy)
+    """The iteration's candidates: the policy's K per prompt (the same with or without experts),
+    then the experts' (experts.py)."""
+    groups = [g for g in range(len(prompts)) for _ in range(K)]
+    policy = [Slot(g, POLICY, sample_seed(seed, 1, it, j)) for j, g in enumerate(groups)]
+    return policy if experts is None else policy + experts.slots(prompts, seed, it)
 
 
 def slot_fields(slot: Slot) -> dict[str, Any]:
