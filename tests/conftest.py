@@ -14,6 +14,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`make test` runs one worker per core), each worker and every process it starts
+# computes on one thread: two workers of two OpenMP threads each on two cores slow each other down
+# several-fold. Set before torch is imported; the subprocesses the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 # A suite that collects fewer tests than this has lost files or been filtered by mistake.
 MIN_TESTS = 20
@@ -76,6 +83,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run([sys.executable, "-m", "raft_diffusion", *args], cwd=cwd or REPO,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def run_in_process(capfd, *args: str) -> subprocess.CompletedProcess:
+    """`raft-diffusion ARGS` called in this process (what run_cli does, less the 12 s of imports a new
+    process pays); stdout and stderr as `capfd` saw them."""
+    from raft_diffusion.cli import main
+
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 # A tiny open_clip model (custom config, real BPE tokenizer), as the issue's acceptance describes it.
@@ -157,3 +175,59 @@ def text_config(tmp_path, tiny_llama):
         return RunConfig.model_validate(data)
 
     return make
+
+
+# --- one finished run, shared ------------------------------------------------------------------
+
+# The demos' LoRA targets: attention and convolutions (the mix a saved file must carry whole).
+DEMO_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
+FINISHED_RUN: dict[str, Any] = deep_update(TINY_CONFIG, {
+    "lora": {"rank": 4, "alpha": 8, "target_modules": DEMO_TARGETS},
+    "training": {"learning_rate": 5e-3, "epochs": 2},
+    "raft": {"iterations": 2},
+    "eval": {"every": 1, "samples_per_prompt": 2},
+    "logging": {"report_to": ["tensorboard"]},
+})
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """The directory of a finished FINISHED_RUN (`raft-diffusion train`, in process), made once for the
+    whole test run and shared by every test that only reads a run: read it, never write into it (copy
+    it with `copy_run` first). Under pytest-xdist the first worker to ask makes it; the others wait
+    on a file lock and read the same directory."""
+    from filelock import FileLock
+
+    from raft_diffusion.cli import main
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    run = root / "finished-run" / "run"
+    with FileLock(str(root / "finished-run.lock")):
+        if not (run / "final").is_dir():
+            config = write_yaml(_fresh(root / "finished-run") / "config.yaml", FINISHED_RUN)
+            assert main(["train", str(config), "--output-dir", str(run)]) == 0
+    return run
+
+
+def _fresh(folder: Path) -> Path:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)  # a worker that died while making it
+    folder.mkdir(parents=True)
+    return folder
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A private copy of a shared run directory, to write into."""
+    import shutil
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock"))
+    return to
+
+
+def finished_config():
+    """FINISHED_RUN as the RunConfig the shared run was trained with."""
+    from raft_diffusion.config import RunConfig
+
+    return RunConfig.model_validate(FINISHED_RUN)

@@ -69,9 +69,8 @@ def _assert_images_decoded(page) -> int:
     return page.evaluate("() => document.images.length")
 
 
-def test_the_report_of_an_image_run_renders_in_chromium(browser, tiny_config, tmp_path):
-    run_training(tiny_config(raft={"iterations": 2}), log=lambda _: None)
-    page, shot, problems = _open(browser, tmp_path / "run/report.html", tmp_path / "image_run.png")
+def test_the_report_of_an_image_run_renders_in_chromium(browser, finished_run, tmp_path):
+    page, shot, problems = _open(browser, finished_run / "report.html", tmp_path / "image_run.png")
     assert problems == []
     assert _assert_images_decoded(page) >= 2 + 6  # curves, grid, and the 6 candidates of the last iteration
     curves, grid = _region(page, shot, "#curves"), _region(page, shot, "#grid")

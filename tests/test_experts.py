@@ -134,14 +134,14 @@ def test_a_folder_without_rows_for_a_prompt_adds_none_to_it(tiny_config, tmp_pat
     assert any(PROMPTS[0] in {r["prompt"] for r in rows_of(tmp_path / "run", it)} for it in range(2))
 
 
-def test_the_monet_cat_experts_demo_ranks_rendered_cats_with_the_toy_sd_s_own(tmp_path):
-    from .conftest import run_cli
+def test_the_monet_cat_experts_demo_ranks_rendered_cats_with_the_toy_sd_s_own(tmp_path, capfd):
+    from .conftest import run_in_process
 
     out = tmp_path / "demo"
     small = ["raft.iterations=1", "raft.prompts_per_iteration=2", "generation.samples_per_prompt=2",
              "eval.samples_per_prompt=1", "eval.every=1"]
-    result = run_cli("demo", "monet-cat-experts", "--output-dir", str(out), *[a for s in small for a in ("--set", s)],
-                     env={"OMP_NUM_THREADS": "1"})
+    result = run_in_process(capfd, "demo", "monet-cat-experts", "--output-dir", str(out),
+                            *[a for s in small for a in ("--set", s)])
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["sources"]["policy"]["candidates"] == 4 and record["sources"]["rendered"]["candidates"] == 4

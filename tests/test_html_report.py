@@ -5,7 +5,7 @@ import re
 
 from raft_diffusion.cli import main
 
-from .conftest import TINY_CONFIG, deep_update, run_cli, write_yaml
+from .conftest import copy_run
 from .test_flags import COLLAPSE, HEALTHY
 
 
@@ -32,15 +32,14 @@ def test_report_of_a_healthy_run_raises_no_flag(tmp_path):
     assert "class='flag'" not in page and "No flag" in page
 
 
-def test_report_of_a_real_run_embeds_the_grid_the_table_and_the_selected_candidates(tmp_path):
-    config = write_yaml(tmp_path / "c.yaml", deep_update(TINY_CONFIG, {"raft": {"iterations": 2}}))
-    done = run_cli("train", str(config), "--output-dir", str(tmp_path / "run"))
-    assert done.returncode == 0, done.stderr
-    made = run_cli("report", str(tmp_path / "run"))
-    assert made.returncode == 0, made.stderr
-    page = (tmp_path / "run/report.html").read_text()
+def test_report_of_a_real_run_embeds_the_grid_the_table_and_the_selected_candidates(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "report.html").unlink()  # the one the run wrote: `raft-diffusion report` writes it again
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report.html")
+    page = (run / "report.html").read_text()
     assert "src='data:image/png;base64," in page[page.index("id='grid'"):][:200]
-    last = [json.loads(x) for x in (tmp_path / "run/samples/iter_0001/samples.jsonl").read_text().splitlines()]
+    last = [json.loads(x) for x in (run / "samples/iter_0001/samples.jsonl").read_text().splitlines()]
     assert page.count("class=sel ") == sum(r["selected"] for r in last) > 0
     assert page.count("<figure>") == len(last)
     assert "id='per-prompt'" in page and "a cat in monet style" in page and "jpeg_compressibility" in page

@@ -10,37 +10,74 @@ import pytest
 
 from .conftest import REPO
 
+# Top-level folders whose every file ships inside the wheel as raft_diffusion/_data/<folder>/...
+SHIPPED = ["assets/toyworld", "configs", "prompts"]
+NOT_SHIPPED = ["assets/readme"]  # the README's pictures
+
+
+def _setuptools() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def _shipped_files() -> list[str]:
+    files = sorted(str(p.relative_to(REPO)) for root in SHIPPED for p in (REPO / root).rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts)
+    assert len(files) > 50, files  # the toy world's weights, its sample pictures, configs and prompt files
+    return files
+
 
 def test_pyproject_lists_every_package_of_the_source_tree():
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(_setuptools()["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "raft_diffusion").rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
 
 
+def test_pyproject_lists_every_data_folder_python_could_import():
+    """setuptools warns ("Package would be ignored") for a data folder with an importable name that
+    `packages` does not list: every such folder holding shipped files is listed."""
+    listed = set(_setuptools()["packages"])
+    package_dir = _setuptools()["package-dir"]
+    wanted = set()
+    for package, folder in package_dir.items():
+        for path in _shipped_files():
+            parts = path.split("/")
+            if parts[0] != folder:
+                continue
+            for depth in range(1, len(parts) - 1):
+                names = parts[1:depth + 1]
+                if all(n.isidentifier() for n in names):
+                    wanted.add(".".join([package, *names]))
+    assert {"raft_diffusion._data.assets.toyworld", "raft_diffusion._data.prompts.toy"} <= wanted
+    assert wanted <= listed, f"add {sorted(wanted - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
 @pytest.fixture(scope="module")
 def installed_wheel(tmp_path_factory):
-    """The project built as a wheel and installed into a folder of its own (dependencies from this venv)."""
+    """The project built as a wheel and installed into a folder of its own (dependencies from this venv),
+    and what the build printed."""
     root = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(root / "dist")], check=True, capture_output=True, timeout=600)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                            "-v", "-w", str(root / "dist")], check=True, capture_output=True, text=True, timeout=600)
     wheel = next((root / "dist").glob("raft_diffusion-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(root / "site"),
                     str(wheel)], check=True, capture_output=True, timeout=600)
-    return wheel, root / "site"
+    return wheel, root / "site", build.stdout + build.stderr
 
 
-def test_the_wheel_carries_assets_configs_and_prompts(installed_wheel):
-    wheel, _ = installed_wheel
+def test_the_wheel_carries_every_data_file_and_builds_without_warnings(installed_wheel):
+    wheel, _, log = installed_wheel
     names = set(zipfile.ZipFile(wheel).namelist())
-    for shipped in ["assets/toyworld/oracle.safetensors", "assets/toyworld/toy-shapes/model_index.json",
-                    "assets/toyworld/toy-clip/open_clip_model.safetensors", "configs/toy-monet-cat.yaml",
-                    "prompts/toy/monet_cat_eval.txt"]:
-        assert f"raft_diffusion/_data/{shipped}" in names
+    missing = [f for f in _shipped_files() if f"raft_diffusion/_data/{f}" not in names]
+    assert not missing, f"not in the wheel: {missing[:10]}"
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    assert not any(n.startswith(f"raft_diffusion/_data/{x}/") for x in NOT_SHIPPED for n in names)
+    assert "Building wheel for raft-diffusion" in log or "raft_diffusion-" in log  # the verbose log was read
+    assert "absent from the `packages` configuration" not in log, \
+        [line for line in log.splitlines() if "absent from" in line]
 
 
 def test_an_installed_wheel_runs_the_monet_cat_demo_from_any_directory(installed_wheel, tmp_path):
-    _, site = installed_wheel
+    _, site, _ = installed_wheel
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     where = subprocess.run([sys.executable, "-c", "import raft_diffusion.paths as p; print(p.ASSETS)"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True)

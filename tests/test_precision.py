@@ -7,9 +7,10 @@ import torch
 from accelerate import Accelerator
 
 from raft_diffusion.backends.diffusion import DiffusionBackend
+from raft_diffusion.cli import main
 from raft_diffusion.precision import Precision
 
-from .conftest import TINY_CONFIG, deep_update, run_cli, write_yaml
+from .conftest import TINY_CONFIG, deep_update, run_in_process, write_yaml
 
 
 @pytest.mark.parametrize("mode,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -48,18 +49,17 @@ def test_fp16_scaler_skips_an_overflowing_step_and_backs_off():
 def test_a_float16_model_trains_with_fp16_on_the_cpu_and_the_checkpoint_keeps_the_scaler(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", deep_update(TINY_CONFIG, {
         "model": {"dtype": "float16"}, "training": {"mixed_precision": "fp16"}, "raft": {"iterations": 2}}))
-    done = run_cli("train", str(config), "--output-dir", str(tmp_path / "run"))
-    assert done.returncode == 0, done.stderr
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "run")]) == 0
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert all(r["train_loss"] is not None for r in records)
     state = torch.load(tmp_path / "run/checkpoints/iter_0001/training_state.pt", weights_only=True)
     assert state["grad_scaler"]["scale"] > 0 and state["grad_scaler"]["_growth_tracker"] > 0
 
 
-def test_a_launcher_asking_for_other_precision_is_refused(tmp_path):
+def test_a_launcher_asking_for_other_precision_is_refused(tmp_path, capfd, monkeypatch):
     config = write_yaml(tmp_path / "c.yaml", TINY_CONFIG)
-    done = run_cli("train", str(config), "--output-dir", str(tmp_path / "run"),
-                   env={"ACCELERATE_MIXED_PRECISION": "fp16"})
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch --mixed_precision fp16` sets
+    done = run_in_process(capfd, "train", str(config), "--output-dir", str(tmp_path / "run"))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: config training.mixed_precision: is 'no' but the launcher asked for 'fp16' (set "

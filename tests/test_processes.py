@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from raft_diffusion.cli import main
 from raft_diffusion.distributed import pad_to, rank_seed, share, training_generator
 from raft_diffusion.objectives import Targets
 from raft_diffusion.protocols import Samples
 
-from .conftest import REPO, TINY_CONFIG, deep_update, run_cli, write_yaml
+from .conftest import REPO, TINY_CONFIG, deep_update, write_yaml
 from .test_resume import _metrics
 
 
@@ -94,6 +95,7 @@ CONFIG = deep_update(TINY_CONFIG, {
                  "caption_dropout": 0.2},
     "raft": {"iterations": 3, "prompts_per_iteration": 3, "seed": 5},
     "eval": {"every": 1, "samples_per_prompt": 1},
+    "logging": {"report_to": ["tensorboard"]},  # process 0 alone writes the trackers
 })
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 # accelerate 1.15 has no --multi_cpu (its multi-CPU launch is mpirun's); --multi_gpu starts torchrun's processes,
@@ -128,46 +130,59 @@ def _lora(run: Path) -> bytes:
     return (run / "final/pytorch_lora_weights.safetensors").read_bytes()
 
 
-def test_two_processes_generate_the_same_samples_as_one(tmp_path):
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict[str, Path]:
+    """The 3-iteration run of CONFIG on two processes, once by torchrun and once by `accelerate launch`,
+    each with a spy on what every process scored (`spy-NAME/rank*.txt`)."""
+    root = tmp_path_factory.mktemp("two-processes")
+    config = write_yaml(root / "c.yaml", CONFIG)
+    runs = {"config": config}
+    for name, launcher in (("torchrun", TORCHRUN), ("accelerate", ACCELERATE)):
+        spy = root / f"spy-{name}"
+        spy.mkdir()
+        done = _launch(launcher, config, root / name, RAFT_TEST_SPY=str(spy))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("iter 1/3") == 1 and done.stdout.count("done:") == 1  # one process reports
+        runs[name], runs[f"spy-{name}"] = root / name, spy
+    return runs
+
+
+# The launches are shared by the tests below: one worker makes them.
+SHARED_LAUNCHES = pytest.mark.xdist_group("two-processes")
+
+
+@SHARED_LAUNCHES
+def test_two_processes_generate_the_same_samples_as_one(launched, tmp_path):
     config = write_yaml(tmp_path / "c.yaml", deep_update(CONFIG, {"raft": {"iterations": 1}}))
-    one = run_cli("train", str(config), "--output-dir", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = _launch(TORCHRUN, config, tmp_path / "two", "--set", "logging.report_to=[tensorboard]")
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert main(["train", str(config), "--output-dir", str(tmp_path / "one")]) == 0
+    two = launched["torchrun"]
     # Trackers: process 0 alone writes them, and the processes still finish together.
-    (events,) = (tmp_path / "two/logs/raft-diffusion").glob("events.out.tfevents.*")
+    (events,) = (two / "logs/raft-diffusion").glob("events.out.tfevents.*")
     assert b"train/reward_mean" in events.read_bytes() and b"eval/samples" in events.read_bytes()
 
     def rows(run, name):
-        return [json.loads(x) for x in (tmp_path / run / f"samples/{name}/samples.jsonl").read_text().splitlines()]
+        return [json.loads(x) for x in (run / f"samples/{name}/samples.jsonl").read_text().splitlines()]
 
     # Iteration 1 comes from the same base model: the same prompts, seeds, scores and selection, in order,
     # and every image file, whichever process wrote it.
     for name in ("iter_0000", "base_eval"):
-        a, b = rows("one", name), rows("two", name)
+        a, b = rows(tmp_path / "one", name), rows(two, name)
         assert [(r["prompt"], r["seed"], r["selected"], r["file"]) for r in a] == \
             [(r["prompt"], r["seed"], r["selected"], r["file"]) for r in b]
         # Batches of other sizes round float sums differently: a grey level here and there moves a JPEG's size.
         np.testing.assert_allclose([r["reward"] for r in a], [r["reward"] for r in b], rtol=1e-2)
-        assert all((tmp_path / "two/samples" / name / r["file"]).is_file() for r in b)
+        assert all((two / "samples" / name / r["file"]).is_file() for r in b)
 
 
-def test_two_processes_score_only_their_share_and_run_reproducibly(tmp_path):
-    config = write_yaml(tmp_path / "c.yaml", CONFIG)
-    spies = {}
-    runs = {}
-    for name, launcher in (("torchrun", TORCHRUN), ("accelerate", ACCELERATE)):
-        spies[name] = tmp_path / f"spy-{name}"
-        spies[name].mkdir()
-        done = _launch(launcher, config, tmp_path / name, RAFT_TEST_SPY=str(spies[name]))
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.count("iter 1/3") == 1 and done.stdout.count("done:") == 1  # one process reports
-        runs[name] = tmp_path / name
-        assert len((runs[name] / "metrics.jsonl").read_text().splitlines()) == 3  # each line once
+@SHARED_LAUNCHES
+def test_two_processes_score_only_their_share_and_run_reproducibly(launched):
+    runs = {name: launched[name] for name in ("torchrun", "accelerate")}
+    for run in runs.values():
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 3  # each line once
 
     # The spy: every call scored one process's share only, and together they scored everything once.
     # Per iteration: 9 samples (3 prompts x 3) -> 5 + 4; per evaluation: 4 prompts x 1 -> 2 + 2.
-    calls = {r: [line.split("\t") for line in (spies["torchrun"] / f"rank{r}.txt").read_text().splitlines()]
+    calls = {r: [line.split("\t") for line in (launched["spy-torchrun"] / f"rank{r}.txt").read_text().splitlines()]
              for r in (0, 1)}
     assert [int(c[1]) for c in calls[0]] == [2] + [5, 2] * 3
     assert [int(c[1]) for c in calls[1]] == [2] + [4, 2] * 3
@@ -188,11 +203,9 @@ def test_two_processes_score_only_their_share_and_run_reproducibly(tmp_path):
     assert state["processes"] == 2 and set(state["rng_ranks"]) == {"1"}
 
 
-def test_two_processes_resume_after_kill_like_an_uninterrupted_run(tmp_path):
-    config = write_yaml(tmp_path / "c.yaml", CONFIG)
-    straight = _launch(TORCHRUN, config, tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
+@SHARED_LAUNCHES
+def test_two_processes_resume_after_kill_like_an_uninterrupted_run(launched, tmp_path):
+    config, straight = launched["config"], launched["torchrun"]  # the uninterrupted run
     killed = tmp_path / "killed"
     spy = tmp_path / "spy"
     spy.mkdir()
@@ -213,8 +226,8 @@ def test_two_processes_resume_after_kill_like_an_uninterrupted_run(tmp_path):
     resumed = _launch(TORCHRUN, config, killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.count("resumed from") == 1 and "iteration 1" in resumed.stdout
-    assert _metrics(killed) == _metrics(tmp_path / "straight")
-    assert _lora(killed) == _lora(tmp_path / "straight")
+    assert _metrics(killed) == _metrics(straight)
+    assert _lora(killed) == _lora(straight)
 
 
 @pytest.mark.parametrize("accumulate", [1, 7])

@@ -1,35 +1,33 @@
 """The before/after table and grid of a run directory."""
 
 import json
-from pathlib import Path
 
 from PIL import Image
 
 from raft_diffusion import report
-from raft_diffusion.train import run_training
+
+from .conftest import copy_run
 
 
-def test_table_and_grid_compare_base_and_last_evaluation(tiny_config):
-    config = tiny_config(eval={"every": 1, "samples_per_prompt": 2},
-                         training={"learning_rate": 1e-2, "epochs": 2})
-    metrics = run_training(config, log=lambda s: None)
-    before, after = report.before_after(config.output_dir)
+def test_table_and_grid_compare_base_and_last_evaluation(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")  # the grid is written into the run directory
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    before, after = report.before_after(run)
     assert before == metrics[0]["eval_before"] and after == metrics[-1]["eval"]
-    text = report.table(config.output_dir)
+    text = report.table(run)
     assert text.splitlines()[0].split() == ["metric", "before", "after", "change"]
     assert f"{before['reward']:9.4f}".strip() in text and f"{after['reward'] - before['reward']:+9.4f}".strip() in text
-    path = report.grid(config.output_dir, per_row=4)
+    path = report.grid(run, per_row=4)
     image = Image.open(path)
     n = 4 * 2  # eval prompts x samples per prompt
-    assert path == Path(config.output_dir) / "before_after.png"
+    assert path == run / "before_after.png"
     assert image.size[0] == 4 * (64 + 4) * 2 and image.size[1] > 2 * (n // 4) * 64 * 2
 
 
-def test_table_adds_the_reference_column_when_the_run_has_one(tiny_config):
-    config = tiny_config(raft={"iterations": 1})
-    run_training(config)
-    (Path(config.output_dir) / "reference.json").write_text(json.dumps({"resolution": 64, "eval": {"reward": -1.5}}))
-    lines = report.table(config.output_dir).splitlines()
+def test_table_adds_the_reference_column_when_the_run_has_one(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "reference.json").write_text(json.dumps({"resolution": 64, "eval": {"reward": -1.5}}))
+    lines = report.table(run).splitlines()
     assert lines[0].split()[-1] == "base@64px"
     assert lines[1].split()[0] == "reward" and lines[1].split()[-1] == "-1.5000"
 

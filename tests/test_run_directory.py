@@ -1,6 +1,7 @@
 """A short run writes every run-directory item of DESIGN, and its final LoRA loads in plain diffusers."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from safetensors import safe_open
 from raft_diffusion.backends.diffusion import encode_prompts, generate_latents, load_pipeline, make_scheduler
 from raft_diffusion.rewards.jpeg import to_uint8
 from raft_diffusion.train import run_training
+
+from .conftest import finished_config
 
 METRIC_KEYS = {"iteration", "reward_mean", "reward_std", "reward_selected_mean", "n_generated", "n_selected",
                "n_dropped", "train_loss", "eval", "seconds"}
@@ -29,15 +32,7 @@ def _images(pipe, config, prompts, seeds):
     return to_uint8(generate_latents(pipe, cond, uncond, seeds, config.generation, show=False)[1])
 
 
-@pytest.mark.parametrize("resolution", [256, 64])
-def test_two_iterations_write_every_item_and_final_lora_reproduces_images(tiny_config, resolution):
-    config = tiny_config(generation={"resolution": resolution},
-                         training={"learning_rate": 5e-3, "epochs": 2})
-    metrics = run_training(config, log=lambda s: None)
-    run = config.output_dir
-    from pathlib import Path
-
-    run = Path(run)
+def _assert_every_item_and_reproducible(run: Path, config, metrics: list[dict], resolution: int) -> None:
     assert (run / "config.yaml").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == [0, 1] == [r["iteration"] for r in metrics]
@@ -72,15 +67,24 @@ def test_two_iterations_write_every_item_and_final_lora_reproduces_images(tiny_c
     assert not np.array_equal(after, before)
 
 
-def test_final_lora_alpha_scales_like_the_trained_adapter(tiny_config):
-    # alpha != rank: a loader that ignored the saved alpha would scale the update by 1 instead of 2.
-    config = tiny_config(lora={"rank": 4, "alpha": 8}, raft={"iterations": 1}, eval={"every": 0},
-                         training={"learning_rate": 1e-2, "epochs": 2})
-    run_training(config, log=lambda s: None)
-    from pathlib import Path
+def test_two_iterations_write_every_item_and_final_lora_reproduces_images(finished_run):
+    metrics = [json.loads(x) for x in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    _assert_every_item_and_reproducible(finished_run, finished_config(), metrics, 64)
 
+
+def test_the_same_at_256_px_with_no_tracker_and_no_logs_directory(tiny_config):
+    config = tiny_config(generation={"resolution": 256}, training={"learning_rate": 5e-3, "epochs": 2})
+    metrics = run_training(config, log=lambda s: None)
+    run = Path(config.output_dir)
+    _assert_every_item_and_reproducible(run, config, metrics, 256)
+    assert not (run / "logs").exists()  # no tracker unless logging.report_to names one
+
+
+def test_final_lora_alpha_scales_like_the_trained_adapter(finished_run):
+    # alpha != rank: a loader that ignored the saved alpha would scale the update by 1 instead of 2.
+    config = finished_config()
     tuned = _fresh_pipeline(config)
-    tuned.load_lora_weights(str(Path(config.output_dir) / "final"))
+    tuned.load_lora_weights(str(finished_run / "final"))
     scalings = {m.scaling[a] for m in tuned.unet.modules() if hasattr(m, "scaling") for a in m.scaling}
     assert scalings == {2.0}
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ from raft_diffusion.paths import ASSETS
 from raft_diffusion.tokenizer import clip_tokenizer
 from raft_diffusion.toyworld import oracle, train_flow
 
-from .conftest import run_cli
+from .conftest import run_in_process
 from .test_toy_sd import draw_in_distribution, one_thread_pipeline
 
 FLOW = ASSETS / "toyworld/toy-shapes-flow"
@@ -89,12 +89,12 @@ def test_the_shipped_flow_model_draws_what_in_distribution_prompts_ask_at_64_px(
     assert np.mean(oracle.judge(images, prompts)) >= MIN_JUDGED
 
 
-def test_the_monet_cat_demo_runs_on_the_toy_flow_model(tmp_path):
+def test_the_monet_cat_demo_runs_on_the_toy_flow_model(tmp_path, capfd):
     out = tmp_path / "flow"
     small = ["model.path=builtin:toy-shapes-flow", "raft.iterations=1", "raft.prompts_per_iteration=2",
              "generation.samples_per_prompt=2", "eval.samples_per_prompt=1", "eval.every=1"]
-    result = run_cli("demo", "monet-cat", "--output-dir", str(out), *[a for s in small for a in ("--set", s)],
-                     env={"OMP_NUM_THREADS": "1"})
+    result = run_in_process(capfd, "demo", "monet-cat", "--output-dir", str(out),
+                            *[a for s in small for a in ("--set", s)])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no such layers" in result.stderr  # the demo's UNet conv targets, skipped on the transformer
     lora = load_file(str(out / "final/pytorch_lora_weights.safetensors"))

@@ -16,7 +16,7 @@ from raft_diffusion.paths import ASSETS
 from raft_diffusion.tokenizer import clip_tokenizer
 from raft_diffusion.toyworld import oracle
 
-from .conftest import run_cli
+from .conftest import run_in_process
 
 TOY = ASSETS / "toyworld/toy-shapes"
 
@@ -77,12 +77,12 @@ def test_toy_shapes_draws_what_in_distribution_prompts_ask_at_64_px(toy_pipe):
 
 
 @pytest.mark.parametrize("name, judge", [("monet-cat", "cat_in_monet"), ("resolution", "aesthetic")])
-def test_toy_demo_runs_one_iteration_and_writes_its_table_and_grid(tmp_path, name, judge):
+def test_toy_demo_runs_one_iteration_and_writes_its_table_and_grid(tmp_path, capfd, name, judge):
     out = tmp_path / name
     small = ["raft.iterations=1", "raft.prompts_per_iteration=2", "generation.samples_per_prompt=2",
              "eval.samples_per_prompt=1", "eval.every=1"]
-    result = run_cli("demo", name, "--output-dir", str(out), *[a for s in small for a in ("--set", s)],
-                     env={"OMP_NUM_THREADS": "1"})
+    result = run_in_process(capfd, "demo", name, "--output-dir", str(out),
+                            *[a for s in small for a in ("--set", s)])
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
     assert {"oracle", judge} <= rows
