@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,37 @@ def test_an_installed_wheel_runs_the_monet_cat_demo_from_any_directory(installed
     run = tmp_path / "runs/demo-monet-cat"
     assert (run / "final/pytorch_lora_weights.safetensors").is_file() and (run / "before_after.png").is_file()
     assert "cat_in_monet" in result.stdout
+
+
+# --- the locked install ------------------------------------------------------------------------
+
+
+def test_the_venv_make_built_holds_exactly_what_the_lock_pins():
+    """`make demo` / `make test` install requirements-dev.lock and nothing else (pip itself is pinned in
+    the Makefile, the project is the editable install)."""
+    from .locked_versions import frozen, locked, moved
+
+    stamp = Path(sys.prefix) / ".installed"
+    made = stamp.read_text().strip() if stamp.is_file() else None
+    if made != "requirements-dev.lock":
+        message = f"{sys.prefix} was not built from the lock by `make` (its stamp says {made!r})"
+        if os.environ.get("CI") and made is None:
+            pytest.fail(message)
+        pytest.skip(message)
+    assert moved(locked(), frozen()) == []
+    pip = subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True, text=True).stdout.split()[1]
+    assert f"PIP_VERSION := {pip}" in (REPO / "Makefile").read_text()
+
+
+def test_the_lock_reader_evaluates_markers_and_the_comparison_names_what_moved(tmp_path):
+    from .locked_versions import locked, moved
+
+    lock = tmp_path / "x.lock"
+    lock.write_text("# a comment\nfoo==1.2 \\\n    --hash=sha256:abc \\\n    --hash=sha256:def\n    # via bar\n"
+                    "Bar_Baz==2.0 ; python_version >= '3.0'\nwin-only==3.0 ; sys_platform == 'never'\n")
+    assert locked(lock) == {"foo": "1.2", "bar-baz": "2.0"}
+    assert moved(locked(lock), {"foo": "1.2", "bar-baz": "2.1", "extra": "0.1"}) == [
+        "bar-baz: locked 2.0, installed 2.1", "extra: 0.1 installed, not in the lock"]
+    lock.write_text("foo>=1.2\n")
+    with pytest.raises(ValueError, match="not an exact pin"):
+        locked(lock)
