@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,8 +212,6 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def _fresh(folder: Path) -> Path:
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)  # a worker that died while making it
     folder.mkdir(parents=True)
     return folder
@@ -220,8 +219,6 @@ def _fresh(folder: Path) -> Path:
 
 def copy_run(run: Path, to: Path) -> Path:
     """A private copy of a shared run directory, to write into."""
-    import shutil
-
     shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock"))
     return to
 

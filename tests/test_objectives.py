@@ -13,7 +13,7 @@ from raft_diffusion.config import TrainingConfig
 from raft_diffusion.objectives import group_advantages, raft, reward_weighted
 from raft_diffusion.protocols import Samples
 
-def _demo_tiny(out, monkeypatch=None):
+def _demo_tiny(out):
     """`raft-diffusion demo tiny --set raft.iterations=2` in this process on one torch thread:
     per iteration (reward_mean, reward_selected_mean, train_loss), and the LoRA's bytes."""
     threads = torch.get_num_threads()
@@ -28,25 +28,27 @@ def _demo_tiny(out, monkeypatch=None):
             (out / "final/pytorch_lora_weights.safetensors").read_bytes())
 
 
-def test_raft_objective_reproduces_the_loop_from_before_the_seam(tmp_path, monkeypatch):
-    """The `raft` objective trains exactly as the loop did before objectives existed (commit 83d0e44),
-    whose step 4 was `backend.train(samples.select(chosen), generator)`: the selection, in its own
-    order, no weights. That step is put back here and run beside the seam, in the same process."""
+def _demo_tiny_before_the_seam(out, monkeypatch, order=list):
+    """`_demo_tiny` with the loop's step 4 as it was at commit 83d0e44: `backend.train(samples.select(chosen))`,
+    the selection (put in `order`) and no weights."""
     import raft_diffusion.loop as loop
 
-    seam = _demo_tiny(tmp_path / "seam")
     with monkeypatch.context() as m:
         m.setattr(loop, "targets", lambda scores, groups, chosen, cfg: list(chosen))
-        m.setattr(loop, "training_samples", lambda samples, chosen, n, accelerator: samples.select(chosen))
-        before = _demo_tiny(tmp_path / "before-seam")
+        m.setattr(loop, "training_samples", lambda samples, chosen, n, accelerator: samples.select(order(chosen)))
+        return _demo_tiny(out)
+
+
+def test_raft_objective_reproduces_the_loop_from_before_the_seam(tmp_path, monkeypatch):
+    """The `raft` objective trains exactly as the loop did before objectives existed (commit 83d0e44):
+    that step is put back and run beside the seam, in the same process."""
+    seam = _demo_tiny(tmp_path / "seam")
+    before = _demo_tiny_before_the_seam(tmp_path / "before-seam", monkeypatch)
     assert seam[0] == before[0]
     assert seam[1] == before[1]
     # The comparison can fail: trained on the same samples in another order, the LoRA differs.
-    with monkeypatch.context() as m:
-        m.setattr(loop, "targets", lambda scores, groups, chosen, cfg: list(chosen))
-        m.setattr(loop, "training_samples", lambda samples, chosen, n, accelerator:
-                  samples.select(sorted(chosen, reverse=True)))
-        reordered = _demo_tiny(tmp_path / "reordered")
+    reordered = _demo_tiny_before_the_seam(tmp_path / "reordered", monkeypatch,
+                                           order=lambda chosen: sorted(chosen, reverse=True))
     assert reordered[1] != seam[1]
 
 
