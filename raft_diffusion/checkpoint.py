@@ -9,6 +9,7 @@ Tensors go through safetensors; the optimizer state through `torch.save`, read b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,6 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+
+# The files of a checkpoint directory (save_checkpoint); nothing else there is ever removed.
+CHECKPOINT_FILES = frozenset({"adapter.safetensors", "training_state.pt", "rng.safetensors", "state.json",
+                              "ema.safetensors"})
 
 
 def fsync_tree(path: Path) -> None:
@@ -38,8 +44,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a fresh temporary directory, then move it to `target` in one rename."""
+def write_dir_atomically(target: Path, write: Callable[[Path], None], keep: Callable[[str], bool] | None = None
+                         ) -> None:
+    """Call `write(tmp)` on a fresh temporary directory, then move it to `target` in one rename.
+    Entries of an existing `target` that `write` did not make and `keep(name)` accepts (a user's
+    file in final/) are moved into the new one."""
     target = Path(target)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     if tmp.exists():
@@ -51,6 +60,10 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
         old = target.parent / f".old-{target.name}-{os.getpid()}"
         target.rename(old)
         tmp.rename(target)
+        if keep is not None:
+            for entry in sorted(old.iterdir()):
+                if keep(entry.name) and not (target / entry.name).exists():
+                    entry.rename(target / entry.name)
         shutil.rmtree(old)
     else:
         tmp.rename(target)
@@ -116,13 +129,17 @@ def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
         if ema is not None:
             save_file(ema.state(), str(tmp / "ema.safetensors"))
 
-    write_dir_atomically(root / name, write)
+    write_dir_atomically(root / name, write, keep=lambda entry: entry not in CHECKPOINT_FILES)
     write_text_atomically(root / "latest", name + "\n")
     # Prune only checkpoints older than this one: a later one (left by a run that resumed from an
     # earlier fallback) is replaced when its iteration comes round, never deleted unseen.
     done = sorted(p for p in root.glob("iter_*") if p.is_dir() and p.name <= name)
     for old in done[:-keep_last]:
-        shutil.rmtree(old)
+        for entry in old.iterdir():  # only what a checkpoint holds: a file someone put there stays
+            if entry.name in CHECKPOINT_FILES and not entry.is_symlink():
+                entry.unlink()
+        with contextlib.suppress(OSError):
+            old.rmdir()
     return root / name
 
 

@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import RunFailed, UserError
+from .files import read_image
 from .paths import CONFIGS
 
 try:  # typer >= 0.29 carries its own click: click's own classes never match the errors it raises
@@ -304,7 +305,7 @@ def score(
 
     from .rewards import build_reward
 
-    tensors = [_read_image(path) for path in images]  # before the reward's models: its errors come cheap
+    tensors = [read_image(path) for path in images]  # before the reward's models: its errors come cheap
     fn = build_reward(reward, options, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                       field="--reward")
     # Batch images of one size together (a batch is one tensor); print in the order given.
@@ -321,49 +322,6 @@ def score(
                     scores[i] = float(value)
     for value in scores:
         print(f"{value:.6g}")
-
-
-def _read_image(path: Path):
-    """The image as (3, H, W) floats in [0, 1]; a file PIL cannot read fully is a UserError naming IMAGE.
-
-    8-bit images are divided by 255 and 16-bit ones (PNG mode I;16, or I up to 65535) by 65535;
-    a gray image fills all three channels. Float images (TIFF mode F) are taken as they are when
-    every value lies in [0, 1], and refused otherwise: their scale cannot be guessed.
-    """
-    import warnings
-
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            # PIL only warns about images of 1 to 2 times MAX_IMAGE_PIXELS (it raises above), and
-            # would then decode them into gigabytes: refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-    except UnidentifiedImageError:
-        raise UserError("IMAGE", f"{path} is not an image", "pass PNG or JPEG files") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError("IMAGE", f"{path} has more than {Image.MAX_IMAGE_PIXELS} pixels, too many to decode safely",
-                        "pass a smaller image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # PIL's words for cut-off or damaged data
-        raise UserError("IMAGE", f"{path} is truncated or damaged ({e})", "pass a complete image file") from None
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        array, scale = np.asarray(image, dtype=np.float32), 65535
-        if array.size and (array.min() < 0 or array.max() > 65535):
-            raise UserError("IMAGE", f"{path} holds integers outside 0..65535", "save it as an 8- or 16-bit image")
-    elif image.mode == "F":
-        array, scale = np.asarray(image, dtype=np.float32), 1
-        if not np.isfinite(array).all() or (array.size and (array.min() < 0 or array.max() > 1)):
-            raise UserError("IMAGE", f"{path} holds floats outside [0, 1] (min {np.nanmin(array):.4g}, "
-                            f"max {np.nanmax(array):.4g})", "scale it to [0, 1], or save it as an 8- or 16-bit image")
-    else:
-        array, scale = np.asarray(image.convert("RGB"), dtype=np.float32), 255
-    if array.ndim == 2:  # gray: the same value in all three channels
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    return torch.from_numpy(array).permute(2, 0, 1) / scale
 
 
 def _parse_options(assignments: list[str]) -> dict:

@@ -118,7 +118,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
 
     if main:
         with sampler(ema):  # with EMA on, the average is what was sampled and evaluated: it is the result
-            write_dir_atomically(run.final, backend.save_adapter)
+            write_dir_atomically(run.final, backend.save_adapter, keep=run.keeps_in_final)
     accelerator.wait_for_everyone()
     return run.read_metrics()
 

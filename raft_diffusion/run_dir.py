@@ -6,9 +6,12 @@ checkpoints/latest, final/. Rules that keep a user's data safe:
 - A run claims its directory with an exclusive lock (`flock` on `.lock`) before it reads or
   writes anything there; a second run in the same directory is refused, and a killed run's lock
   dies with it (no stale pid files).
-- A directory is used only when it is empty or holds a run of ours: `--resume` continues it,
-  `--overwrite` (and a demo re-run) removes only what a run writes, and anything else in the
-  directory makes both refuse.
+- A directory is used only when it is empty or holds a run of ours, which its own record says
+  (run.json, written when the run starts): `--resume` continues it, `--overwrite` (and a demo
+  re-run) removes only the files a run writes (`RunDirectory.written`: fixed names, and the
+  sample files its samples.jsonl rows name), and a foreign entry at the top makes all of them
+  refuse. A file someone put inside a run's folders (`samples/my_picks.txt`, `final/README.md`)
+  is kept, and said so; symlinks are never followed nor removed.
 - A refused run leaves the directory as it found it, including directories it created itself.
 """
 
@@ -17,12 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .checkpoint import write_text_atomically
+from .checkpoint import CHECKPOINT_FILES, write_text_atomically
 from .config import read_saved_config
 from .errors import UserError
 
@@ -40,6 +45,14 @@ RUN_ENTRIES = frozenset({
     "before_after.png", "before_after.md", "reference.json", "report.html", "logs",
 })
 TEMPORARY_PREFIXES = (".tmp-", ".old-")  # write_dir_atomically's leftovers after a kill
+# The files a run writes, folder by folder; `written` adds the sample files its rows name.
+TOP_FILES = RUN_ENTRIES - {"samples", "checkpoints", "final", "logs"}
+CHECKPOINT_DIR = re.compile(r"iter_\d{4,}")
+# diffusers' LoRA file; PEFT's adapter and config (and the model card it writes, for text runs)
+FINAL_FILES = frozenset({"pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json"})
+SAMPLE_FILE = re.compile(r"\d{4,}\.png")  # a backend's numbered picture (write_samples), even before its row
+TRACKER_FILE = re.compile(r"events\.out\.tfevents\..*")  # TensorBoard; wandb and mlflow keep to their folders
+TRACKER_DIRS = frozenset({"wandb", "mlruns"})
 
 
 def _first_difference(a: Any, b: Any, path: tuple = ()) -> tuple | None:
@@ -163,12 +176,13 @@ class RunDirectory:
         entries = sorted(p.name for p in self.path.iterdir() if p.name != ".lock")
         if not entries:
             return "new"
-        foreign = [name for name in entries if not _ours(name)]
+        foreign = [name for name in entries if not _ours(name) or (self.path / name).is_symlink()]
+        if foreign:
+            raise UserError("output_dir", f"{self.path} holds '{foreign[0]}', which no raft-diffusion run writes",
+                            "choose an empty or new --output-dir; a run never deletes files it did not write")
         saved = self.path / "config.yaml"
-        has_run = saved.is_file()
-        if not has_run or (foreign and not resume):
-            what = f"'{foreign[0]}'" if foreign else "files that are not a raft-diffusion run (no config.yaml)"
-            raise UserError("output_dir", f"{self.path} holds {what}",
+        if not saved.is_file():
+            raise UserError("output_dir", f"{self.path} holds files that are not a raft-diffusion run (no config.yaml)",
                             "choose an empty or new --output-dir; a run never deletes files it did not write")
         if resume:
             diff = _first_difference(read_saved_config(saved), config)
@@ -176,22 +190,62 @@ class RunDirectory:
                 raise UserError(f"config {'.'.join(map(str, diff))}", f"differs from the run's {saved}",
                                 "resume with the same config (only raft.iterations may change) or use --overwrite")
             return "resume"
+        if self.origin() is None:
+            raise UserError("output_dir", f"{self.path} has no run.json of a raft-diffusion run, so nothing there is "
+                            "known to be a run's", "choose an empty or new --output-dir, or remove its files yourself")
         if overwrite or (replaces is not None and self._made_by_demo(replaces)):
             return "overwrite"
         raise UserError("output_dir", f"{self.path} already holds a run",
                         "pass --resume to continue it, --overwrite to replace it, or another --output-dir")
 
     def _made_by_demo(self, name: str) -> bool:
-        origin = self.origin()
-        # Runs from before run.json existed: the demo's own default directory is taken as its run.
-        return origin == f"demo {name}" or (origin is None and self.path.name == f"demo-{name}")
+        return self.origin() == f"demo {name}"
 
     def origin(self) -> str | None:
-        """The command that made the run here ('train', 'demo monet-cat'), from run.json."""
+        """The command that made the run here ('train', 'demo monet-cat'), from run.json; None when
+        run.json is missing or is not a raft-diffusion run's record."""
         try:
-            return json.loads((self.path / "run.json").read_text(encoding="utf-8")).get("command")
-        except (OSError, ValueError, AttributeError):
+            record = json.loads((self.path / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return None
+        if not isinstance(record, dict) or "raft_diffusion" not in record or not isinstance(record.get("command"), str):
+            return None
+        return record["command"]
+
+    # -- what a run wrote -------------------------------------------------------------------------
+
+    def keeps_in_final(self, name: str) -> bool:
+        """Whether final/NAME is someone else's file, carried over when final/ is replaced."""
+        return not _written_in("final", Path(name), _saved_backend(self.path / "config.yaml") == "text")
+
+    def written(self) -> tuple[list[Path], list[Path]]:
+        """(the files a run writes that are here, the other files and links inside the run's folders).
+        Nothing is followed through a symlink, and a symlink is never a run's."""
+        ours: list[Path] = []
+        kept: list[Path] = []
+        text_run = _saved_backend(self.path / "config.yaml") == "text"
+        for entry in sorted(self.path.iterdir()):
+            name = entry.name
+            if name == ".lock":
+                continue
+            if entry.is_symlink() or not _ours(name):
+                kept.append(entry)
+            elif name.startswith(TEMPORARY_PREFIXES) or name in TOP_FILES:
+                ours.append(entry)
+            else:  # one of the run's folders
+                for path in _files_under(entry):
+                    (ours if _written_in(entry.name, path.relative_to(entry), text_run) else kept).append(path)
+        return ours, kept
+
+    def remove_written(self) -> list[Path]:
+        """Remove the files a run writes (`written`) and the folders that leaves empty; returns the
+        files kept."""
+        ours, kept = self.written()
+        for path in ours:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for folder in ("samples", "checkpoints", "final", "logs"):
+            _remove_empty_dirs(self.path / folder)
+        return kept
 
     def abandon(self) -> None:
         """Undo a claim that did not become a run: release the lock, remove what the claim created."""
@@ -217,15 +271,19 @@ class RunDirectory:
         """Start writing: clear an overwritten run's files or a killed run's leftovers; write the config.
         `command` and `final` (which adapter final/ will hold) go into run.json."""
         self._created = []
-        for entry in self.path.iterdir():
-            if entry.name == ".lock":
-                continue
-            if mode == "overwrite" or entry.name.startswith(TEMPORARY_PREFIXES):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        if self.checkpoints.is_dir():
-            for entry in self.checkpoints.iterdir():
-                if entry.name.startswith(TEMPORARY_PREFIXES):
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        kept: list[Path] = []
+        if mode == "overwrite":
+            kept = self.remove_written()
+        for folder in (self.path, self.checkpoints, self.samples("")):
+            if folder.is_dir() and not folder.is_symlink():
+                for entry in folder.iterdir():
+                    if entry.name.startswith(TEMPORARY_PREFIXES) and not entry.is_symlink():
+                        _rescue(entry, self.path)
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if kept:
+            shown = ", ".join(str(p.relative_to(self.path)) for p in kept[:3])
+            more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+            print(f"note: kept {len(kept)} file(s) in {self.path} that no run writes: {shown}{more}", file=sys.stderr)
         write_text_atomically(self.path / "config.yaml", config_yaml)
         if mode != "resume" or not (self.path / "run.json").exists():
             from . import __version__
@@ -269,9 +327,14 @@ class RunDirectory:
             os.fsync(f.fileno())
 
     def clear_samples(self, name: str) -> None:
-        """Remove what a killed attempt at this iteration left."""
-        if self.samples(name).exists():
-            shutil.rmtree(self.samples(name))
+        """Remove what a killed attempt at this iteration left (only the files a run writes)."""
+        directory = self.samples(name)
+        if not directory.is_dir() or directory.is_symlink():
+            return
+        for path in _files_under(directory):
+            if _written_in("samples", path.relative_to(self.samples("")), text_run=False):
+                path.unlink()
+        _remove_empty_dirs(directory)
 
     def write_rows(self, name: str, rows: list[dict[str, Any]]) -> Path:
         """samples/NAME/samples.jsonl, one row per sample (its file or text, prompt, seed, scores)."""
@@ -281,3 +344,80 @@ class RunDirectory:
             for row in rows:
                 f.write(dumps(row) + "\n")
         return directory
+
+
+def _saved_backend(path: Path) -> str | None:
+    try:
+        return read_saved_config(path).get("backend")
+    except Exception:  # a damaged config.yaml: its runs' files are still recognised by name
+        return None
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file and symlink below `folder` (a symlink itself, never what it points to)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return [folder]
+    found = []
+    for root, dirs, files in os.walk(folder):  # does not descend into symlinked folders
+        for name in dirs:
+            if os.path.islink(os.path.join(root, name)):
+                found.append(Path(root, name))
+        found.extend(Path(root, name) for name in files)
+    return sorted(found)
+
+
+def _written_in(folder: str, rel: Path, text_run: bool) -> bool:
+    """Whether a run writes the file at `rel` inside its folder `folder` (samples, checkpoints,
+    final, logs)."""
+    parts = PurePosixPath(rel.as_posix()).parts
+    if not parts or any(part.startswith(TEMPORARY_PREFIXES) for part in parts):
+        return bool(parts)  # an atomic write's leftover
+    name = parts[-1]
+    if folder == "samples":  # samples/NAME[/eval]/: samples.jsonl and the files its rows name
+        if len(parts) < 2:
+            return False
+        return name == "samples.jsonl" or SAMPLE_FILE.fullmatch(name) is not None
+    if folder == "checkpoints":
+        return parts == ("latest",) or (len(parts) == 2 and CHECKPOINT_DIR.fullmatch(parts[0]) is not None
+                                         and name in CHECKPOINT_FILES)
+    if folder == "final":
+        return len(parts) == 1 and (name in FINAL_FILES or (text_run and name == "README.md"))
+    if folder == "logs":
+        return TRACKER_FILE.fullmatch(name) is not None or any(part in TRACKER_DIRS for part in parts[:-1])
+    return False
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for root, dirs, _ in os.walk(folder, topdown=False):
+        for name in dirs:
+            path = Path(root, name)
+            if not path.is_symlink():
+                try:
+                    path.rmdir()
+                except OSError:  # holds a kept file
+                    pass
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _rescue(leftover: Path, run: Path) -> None:
+    """Before a killed atomic replace's `.old-NAME-PID` folder goes: move back into NAME the files
+    of it that no run writes (a user's file in final/ survives a kill mid-replace)."""
+    if not leftover.name.startswith(".old-") or not leftover.is_dir():
+        return
+    name = leftover.name[len(".old-"):].rsplit("-", 1)[0]
+    target = leftover.parent / name
+    folder = "final" if leftover.parent == run and name == "final" else None
+    if folder is None or not target.is_dir():
+        return
+    for path in _files_under(leftover):
+        rel = path.relative_to(leftover)
+        if not _written_in(folder, rel, text_run=_saved_backend(run / "config.yaml") == "text"):
+            destination = target / rel
+            if not destination.exists():
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(destination)

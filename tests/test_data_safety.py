@@ -77,13 +77,87 @@ def test_demo_replaces_its_own_earlier_run_but_not_another_run(tmp_path, capfd, 
     assert {p: p.stat().st_mtime_ns for p in trained.rglob("*")} == before
 
 
-def test_a_demo_run_from_before_run_json_is_still_replaced_in_its_default_directory(tmp_path, monkeypatch):
+def _snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under root: a file's bytes, a link's target, a folder's name."""
+    out: dict[str, bytes | str] = {}
+    for p in sorted(root.rglob("*")):
+        key = str(p.relative_to(root))
+        out[key] = ("-> " + os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+    return out
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume", None])
+def test_another_projects_layout_is_not_taken_for_a_run(tmp_path, capfd, flag):
+    # Any training project's layout: names a run also writes, but no run.json of ours.
+    other = tmp_path / "project"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "logs").mkdir()
+    (other / "config.yaml").write_text("model: resnet50\n")
+    (other / "checkpoints/epoch_89.ckpt").write_bytes(b"weights")
+    (other / "logs/events.out").write_bytes(b"events")
+    before = _snapshot(other)
+    assert main(["train", str(_config(tmp_path)), "--output-dir", str(other), *([flag] if flag else [])]) == 2
+    assert "output_dir" in _one_error_line(capfd.readouterr().err) or flag == "--resume"
+    assert _snapshot(other) == before
+
+
+def test_a_run_without_its_run_json_is_not_overwritten(tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fast = ["--set", "raft.iterations=1", "--set", "raft.prompts_per_iteration=1", "--set", "training.epochs=1"]
     assert main(["demo", "tiny", *fast]) == 0
-    (tmp_path / "runs/demo-tiny/run.json").unlink()  # as an older version left it
-    assert main(["demo", "tiny", *fast]) == 0
-    assert json.loads((tmp_path / "runs/demo-tiny/run.json").read_text())["command"] == "demo tiny"
+    run = tmp_path / "runs/demo-tiny"
+    (run / "run.json").write_text(json.dumps({"command": "demo tiny"}))  # not our record: no raft_diffusion key
+    before = _snapshot(run)
+    capfd.readouterr()
+    for args in (["demo", "tiny", *fast], ["demo", "tiny", *fast, "--overwrite"]):
+        assert main(args) == 2
+        assert "run.json" in _one_error_line(capfd.readouterr().err)
+        assert _snapshot(run) == before
+
+
+def test_overwrite_keeps_what_a_user_put_inside_a_run_and_follows_no_link(tmp_path, capfd):
+    config = _config(tmp_path, eval={"every": 1, "samples_per_prompt": 1})
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(run)]) == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "0000.png").write_bytes(b"not the run's")
+    mine = {"samples/my_picks.txt": b"0003 0007", "final/README.md": b"# my notes",
+            "checkpoints/iter_0000/notes.txt": b"lr was fine", "samples/iter_0000/eval/why.txt": b"look"}
+    for name, data in mine.items():
+        (run / name).write_bytes(data)
+    (run / "samples/iter_0000/link.png").symlink_to(outside / "0000.png")
+    (run / "samples/linked").symlink_to(outside, target_is_directory=True)
+    capfd.readouterr()
+    assert main(["train", str(config), "--output-dir", str(run), "--overwrite"]) == 0
+    err = capfd.readouterr().err
+    assert "kept 6 file(s)" in err and "no run writes" in err, err
+    for name, data in mine.items():
+        assert (run / name).read_bytes() == data, name
+    assert (run / "samples/iter_0000/link.png").is_symlink() and (run / "samples/linked").is_symlink()
+    assert (outside / "0000.png").read_bytes() == b"not the run's"
+    # What the run writes was replaced: the new run's samples and adapter are there, the old ones gone.
+    assert [r["iteration"] for r in _metrics(run)] == [0]
+    assert (run / "final/pytorch_lora_weights.safetensors").is_file()
+    assert (run / "samples/iter_0000/samples.jsonl").is_file() and (run / "samples/iter_0000/0000.png").is_file()
+
+
+def test_resume_refuses_a_foreign_file_at_the_top_and_keeps_one_in_final(tmp_path, capfd):
+    config = _config(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--output-dir", str(run)]) == 0
+    (run / "notes.txt").write_text("mine")
+    capfd.readouterr()
+    assert main(["train", str(config), "--output-dir", str(run), "--resume", "--set", "raft.iterations=2"]) == 2
+    assert "notes.txt" in _one_error_line(capfd.readouterr().err)
+    assert [r["iteration"] for r in _metrics(run)] == [0]
+    (run / "notes.txt").unlink()
+    (run / "final/README.md").write_text("# my notes")
+    old = (run / "final/pytorch_lora_weights.safetensors").read_bytes()
+    assert main(["train", str(config), "--output-dir", str(run), "--resume", "--set", "raft.iterations=2"]) == 0
+    assert [r["iteration"] for r in _metrics(run)] == [0, 1]
+    assert (run / "final/README.md").read_text() == "# my notes"  # carried over when final/ was replaced
+    assert (run / "final/pytorch_lora_weights.safetensors").read_bytes() != old
 
 
 def test_overwrite_removes_only_what_a_run_writes(tmp_path, capfd):
