@@ -44,18 +44,39 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def writing(path: Path):
+    """Name `path` on an error raised while it is written (`exc.raft_writing`, the innermost one):
+    a full disk then says which file it stopped (cli.py)."""
+    try:
+        yield
+    except Exception as e:
+        if getattr(e, "raft_writing", None) is None:
+            with contextlib.suppress(AttributeError, TypeError):
+                e.raft_writing = Path(path)
+        raise
+
+
 def write_dir_atomically(target: Path, write: Callable[[Path], None], keep: Callable[[str], bool] | None = None
                          ) -> None:
     """Call `write(tmp)` on a fresh temporary directory, then move it to `target` in one rename.
     Entries of an existing `target` that `write` did not make and `keep(name)` accepts (a user's
     file in final/) are moved into the new one."""
-    target = Path(target)
+    with writing(target):
+        _write_dir_atomically(Path(target), write, keep)
+
+
+def _write_dir_atomically(target: Path, write: Callable[[Path], None], keep: Callable[[str], bool] | None) -> None:
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp)
-    fsync_tree(tmp)
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written temporary behind
+        raise
     if target.exists():  # an earlier attempt at this same checkpoint: replace it
         old = target.parent / f".old-{target.name}-{os.getpid()}"
         target.rename(old)
@@ -72,12 +93,17 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None], keep: Call
 
 def write_text_atomically(path: Path, text: str) -> None:
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with writing(path):
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+            raise
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
 
 def rng_state(generator: torch.Generator) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

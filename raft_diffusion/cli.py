@@ -32,21 +32,97 @@ DEMO_REFERENCE_RESOLUTION = {"resolution": 64}
 
 
 class _Interrupted(Exception):
-    """Ctrl-C in a command, carried past typer (which turns it into a silent exit 130) to `main`."""
+    """Ctrl-C (or SIGTERM) in a command, carried past typer (which turns it into a silent exit 130) to `main`."""
 
-    def __init__(self, command: str | None):
+    def __init__(self, command: str | None, terminated: bool = False):
         super().__init__(command)
-        self.command = command
+        self.command, self.terminated = command, terminated
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, torchrun's when a peer died): handled as Ctrl-C is."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends a command as Ctrl-C does (checkpoints stay, one line says how to resume), where
+    nobody else has claimed the signal; the handler before is put back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _WriteFailed(Exception):
+    """A write that the disk refused (full, quota, read-only, I/O error) in a command: one line in `main`."""
+
+    def __init__(self, command: str | None, error: BaseException, reason: str):
+        super().__init__(command)
+        self.command, self.error, self.reason = command, error, reason
+
+
+# errno of a write the disk refused, and how the libraries that write our weights word it
+# (safetensors: "IoError(Os { code: 28, kind: StorageFull ..."; torch.save: "file write failed").
+_WRITE_ERRNOS = {28: "the disk is full", 122: "the disk quota is exceeded", 30: "the file system is read-only",
+                 5: "an input/output error", 27: "the file is too large for the file system"}
+_WRITE_WORDS = (("os error 28", 28), ("No space left", 28), ("StorageFull", 28), ("file write failed", 28),
+                ("Disk quota", 122), ("os error 122", 122), ("Read-only file system", 30))
+
+
+# torch.save's writer on a short write: it does not say why ("unexpected pos 102144 vs 102032").
+_TORCH_WRITER_WORDS = ("inline_container", "PytorchStreamWriter", "iostream error")
+
+
+def _write_failure(error: BaseException) -> str | None:
+    """Why the disk refused the write that raised `error`, or None when it is not such an error."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return _WRITE_ERRNOS[e.errno]
+        if isinstance(e, (RuntimeError, OSError)) or type(e).__name__ == "SafetensorError":
+            text = str(e)
+            for words, errno in _WRITE_WORDS:
+                if words in text:
+                    return _WRITE_ERRNOS[errno]
+    writing = getattr(error, "raft_writing", None)
+    if writing is not None and isinstance(error, RuntimeError) and any(w in str(error) for w in _TORCH_WRITER_WORDS):
+        import shutil
+
+        folder = Path(writing)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            full = shutil.disk_usage(folder).free < 2**20
+        except OSError:
+            full = False
+        return _WRITE_ERRNOS[28] if full else "the file could not be written (torch.save stopped short)"
+    return None
 
 
 class _Group(TyperGroup):
-    """Typer's command group; a Ctrl-C in a command leaves it as `_Interrupted`, naming the command."""
+    """Typer's command group; a Ctrl-C in a command leaves it as `_Interrupted`, naming the command,
+    and a write the disk refused as `_WriteFailed`."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as e:
-            raise _Interrupted(ctx.invoked_subcommand) from e
+            raise _Interrupted(ctx.invoked_subcommand, isinstance(e, _Terminated)) from e
+        except Exception as e:
+            reason = _write_failure(e)
+            if reason is None:
+                raise
+            raise _WriteFailed(ctx.invoked_subcommand, e, reason) from e
 
 
 app = typer.Typer(cls=_Group, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -369,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args[:end]
     args = [arg for i, arg in enumerate(args) if i >= end or arg != "--debug"]
     try:
-        result = app(args=args, standalone_mode=False, prog_name="raft-diffusion")
+        with _sigterm_as_interrupt():
+            result = app(args=args, standalone_mode=False, prog_name="raft-diffusion")
         return result if isinstance(result, int) else 0
     except UserError as e:
         return _fail(f"error: {e}", 2, debug)
@@ -379,11 +456,29 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_usage_error(e), 2, debug)
     except _Interrupted as e:
         # A run's checkpoints are complete (written atomically), so train can continue from the last.
-        return _fail("interrupted; continue with --resume" if e.command == "train" else "interrupted", 130, debug)
+        what, code = ("terminated (SIGTERM)", 143) if e.terminated else ("interrupted", 130)
+        return _fail(f"{what}; continue with --resume" if e.command == "train" else what, code, debug)
+    except _Terminated:
+        return _fail("terminated (SIGTERM)", 143, debug)
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside any command (older click: Abort)
         return _fail("interrupted", 130, debug)
     except typer.Exit as e:
         return e.exit_code
+    except _WriteFailed as e:
+        return _fail(_write_failed_line(e), 1, debug)
+
+
+def _write_failed_line(e: _WriteFailed) -> str:
+    where = getattr(e.error, "raft_writing", None) or getattr(e.error, "filename", None)
+    what = f"writing {where}" if where else "writing"
+    if e.command == "train":
+        after = ("the last checkpoint is intact and nothing saved before was lost; free space and continue "
+                 "with --resume")
+    elif e.command == "demo":
+        after = "nothing saved before was lost; free space and run the demo again"
+    else:
+        after = "nothing half-written was left; free space and run it again"
+    return f"error: {what}: {e.reason} ({after})"
 
 
 def _fail(line: str, code: int, debug: bool) -> int:

@@ -143,6 +143,11 @@ class RewardSpec(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="reward-specific options, e.g. clip: {model, pretrained, model_config}"
     )
+    timeout: Optional[float] = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="seconds one call of this reward may take (a remote scorer that hangs); after it, the "
+        "call's samples are dropped as failed and the run goes on (default: no limit)"
+    )
 
 
 class SelectionConfig(_Strict):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .checkpoint import resume as load_latest, rng_state, save_checkpoint, write_dir_atomically
+from .checkpoint import resume as load_latest, rng_state, save_checkpoint, write_dir_atomically, writing
 from .config import RunConfig
 from .ema import LoraEMA
 from .distributed import gather, pad_to, seed_process, share, together, training_generator
@@ -119,8 +119,18 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
     if main:
         with sampler(ema):  # with EMA on, the average is what was sampled and evaluated: it is the result
             write_dir_atomically(run.final, backend.save_adapter, keep=run.keeps_in_final)
+        if _report_is_stale(run):  # a run stopped after its last checkpoint, before its report
+            write_report(run, log)
     accelerator.wait_for_everyone()
     return run.read_metrics()
+
+
+def _report_is_stale(run: RunDirectory) -> bool:
+    report = run.path / "report.html"
+    try:
+        return not report.is_file() or report.stat().st_mtime_ns < run.metrics.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def write_report(run: RunDirectory, log: Callable[[str], None]) -> None:
@@ -308,8 +318,9 @@ def save_samples(run: RunDirectory, accelerator: Accelerator, name: str, backend
         accelerator.wait_for_everyone()
     directory = run.samples(name)
     directory.mkdir(parents=True, exist_ok=True)
-    written = [row for part in gather(accelerator, backend.write_samples(samples, directory, mine.start))
-               for row in part]
+    with writing(directory):
+        mine_written = backend.write_samples(samples, directory, mine.start)
+    written = [row for part in gather(accelerator, mine_written) for row in part]
     if accelerator.is_main_process:
         run.write_rows(name, [{**fields, **row} for fields, row in zip(written, rows)])
 

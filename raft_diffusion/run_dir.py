@@ -27,7 +27,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .checkpoint import CHECKPOINT_FILES, write_text_atomically
+from .checkpoint import CHECKPOINT_FILES, write_text_atomically, writing
 from .config import read_saved_config
 from .errors import UserError
 
@@ -321,7 +321,7 @@ class RunDirectory:
         write_text_atomically(self.metrics, "".join(dumps(r) + "\n" for r in kept))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as f:
+        with writing(self.metrics), open(self.metrics, "a", encoding="utf-8") as f:
             f.write(dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -340,7 +340,7 @@ class RunDirectory:
         """samples/NAME/samples.jsonl, one row per sample (its file or text, prompt, seed, scores)."""
         directory = self.samples(name)
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / "samples.jsonl", "w", encoding="utf-8") as f:
+        with writing(directory / "samples.jsonl"), open(directory / "samples.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(dumps(row) + "\n")
         return directory

@@ -89,3 +89,10 @@ def spy_jpeg(images, prompts):
     if pause:
         time.sleep(pause)
     return [-s for s in jpeg_kb(images)]
+
+
+def hangs_on_stars(images, prompts):
+    """-JPEG kB, but a call holding a star's prompt hangs (a remote scorer that stopped answering)."""
+    if any("star" in p for p in prompts):
+        time.sleep(float(os.environ.get("RAFT_TEST_HANG", "30")))
+    return [-s for s in jpeg_kb(images)]

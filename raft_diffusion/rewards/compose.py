@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +43,44 @@ def _as_scores(raw, n: int) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64)
 
 
-def _safe_scores(reward: Reward, outputs, prompts: Sequence[str], errors: list[str]) -> np.ndarray:
-    """Scores as float64; NaN where the reward raised or returned a non-finite value (the reason
-    goes to `errors`)."""
+class RewardTimeout(Exception):
+    pass
+
+
+def _call(reward: Reward, outputs, prompts: list[str], timeout: float | None):
+    """`reward(outputs, prompts)`, in inference mode; with `timeout`, in a thread given that many
+    seconds (a call still running after it is left behind, and its result ignored). A batch that
+    times out is then scored sample by sample, each call with the same timeout, as a batch that
+    raised: only the samples the reward hangs on are dropped."""
+    if timeout is None:
+        with torch.inference_mode():
+            return reward(outputs, prompts)
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            with torch.inference_mode():
+                result["value"] = reward(outputs, prompts)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=target, name="raft-reward", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardTimeout(f"took longer than its timeout of {timeout:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _safe_scores(reward: Reward, outputs, prompts: Sequence[str], errors: list[str],
+                 timeout: float | None = None) -> np.ndarray:
+    """Scores as float64; NaN where the reward raised, timed out or returned a non-finite value
+    (the reason goes to `errors`)."""
     n = len(prompts)
     try:
-        with torch.inference_mode():
-            raw = reward(outputs, list(prompts))
+        raw = _call(reward, outputs, list(prompts), timeout)
         scores = _as_scores(raw, n)
         if not np.isfinite(scores).all() and not errors:
             errors.append("returned a non-finite score")
@@ -63,7 +96,8 @@ def _safe_scores(reward: Reward, outputs, prompts: Sequence[str], errors: list[s
             log.warning("reward failed on one sample: %s", batch_error)
             return np.array([np.nan])
         # Score one by one so that one bad sample does not drop the batch.
-        return np.concatenate([_safe_scores(reward, take(outputs, [i]), [prompts[i]], errors) for i in range(n)])
+        return np.concatenate([_safe_scores(reward, take(outputs, [i]), [prompts[i]], errors, timeout)
+                               for i in range(n)])
 
 
 def _normalize(x: np.ndarray, groups: Sequence[int], how: str) -> np.ndarray:
@@ -128,8 +162,8 @@ class RewardSet:
         reasons: dict[str, list[str]] = {label: [] for label in labels}
         for i in range(0, n, batch_size):
             part, texts = take(outputs, range(i, min(n, i + batch_size))), list(prompts[i:i + batch_size])
-            for label, fn in zip(labels, self.fns):
-                chunks[label].append(_safe_scores(fn, part, texts, reasons[label]))
+            for label, fn, spec in zip(labels, self.fns, self.specs):
+                chunks[label].append(_safe_scores(fn, part, texts, reasons[label], spec.timeout))
         parts = {label: np.concatenate(chunks[label]) if n else np.zeros(0) for label in labels}
         return parts, {label: r[0] for label, r in reasons.items() if r}
 
