@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     except _Interrupted as e:
         # A run's checkpoints are complete (written atomically), so train can continue from the last.
         what, code = ("terminated (SIGTERM)", 143) if e.terminated else ("interrupted", 130)
+        if e.terminated and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun stops every process when one of them ends: its report below names which
+            what = "terminated (SIGTERM): another process of this run stopped, see the launcher's report"
         return _fail(f"{what}; continue with --resume" if e.command == "train" else what, code, debug)
     except _Terminated:
         return _fail("terminated (SIGTERM)", 143, debug)
@@ -481,12 +484,21 @@ def _write_failed_line(e: _WriteFailed) -> str:
     return f"error: {what}: {e.reason} ({after})"
 
 
+def _printable(line: str) -> str:
+    """`line` with control and format characters escaped (a file name's terminal escape sequence,
+    a prompt's right-to-left override), so an error line shows what it names and nothing else."""
+    import unicodedata
+
+    return "".join(c if c == " " or unicodedata.category(c)[0] not in "CZ" else c.encode("unicode_escape").decode()
+                   for c in line)
+
+
 def _fail(line: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
     # Every process of a multi-process run ends with the same error (distributed.together): one says it.
     if os.environ.get("RANK", "0") == "0" or debug:
-        print(line, file=sys.stderr)
+        print(_printable(line), file=sys.stderr)
     return code
 
 

@@ -244,3 +244,29 @@ def test_a_two_process_step_equals_one_step_on_all_samples_weighted_as_one_batch
     for key in ("weight", "bias"):
         torch.testing.assert_close(results["two"][key], results["one"][key], rtol=1e-5, atol=1e-6)
         assert not torch.equal(results["one"][key], results["one"]["start_" + key])  # the step moved them
+
+
+@SHARED_LAUNCHES
+def test_when_one_process_dies_the_survivor_says_how_to_resume(launched, tmp_path):
+    """kill -9 of rank 1 alone: torchrun stops rank 0 with SIGTERM, and rank 0 prints our one line
+    (not only the launcher's 40-line block); the run then resumes."""
+    import psutil
+
+    config = launched["config"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*TORCHRUN, "-m", "raft_diffusion", "train", str(config), "--output-dir", str(run)],
+                            cwd=REPO, env=_env(RAFT_TEST_SLOW_REWARD="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints/latest").is_file():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGKILL)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("terminated")]
+    assert len(ours) == 1 and "another process of this run stopped" in ours[0] and "--resume" in ours[0], err
+    resumed = _launch(TORCHRUN, config, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]

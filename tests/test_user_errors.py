@@ -364,3 +364,14 @@ def test_shipped_gpu_config_validates_and_fails_offline_with_exit_2(tmp_path, ca
     err = capfd.readouterr().err
     assert code == 2 and "config model.path" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["run\x1b[2J\x1b[31m.yaml", "run\u202eslmy.yaml", "run\nerror: fine.yaml"])
+def test_an_error_line_shows_control_characters_escaped(tmp_path, capfd, name):
+    """A file name's terminal escape sequence, right-to-left override or newline cannot clear the
+    screen, reorder the line or forge a second one: the line shows them escaped."""
+    assert main(["train", str(tmp_path / name)]) == 2
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert not any(c in err.rstrip("\n") for c in "\x1b\u202e\n"), err
+    assert "\\x1b" in err or "\\u202e" in err or "\\n" in err
