@@ -4,15 +4,19 @@ A checkpoint is a directory written under a temporary name, fsynced, then rename
 `checkpoints/latest` (a one-line file) is replaced last. A run killed at any moment therefore
 leaves either the previous complete checkpoint or the new one, never a half-written one.
 Tensors go through safetensors; the optimizer state through `torch.save`, read back with
-`torch.load(weights_only=True)`.
+`torch.load(weights_only=True)`. On resume every file of a checkpoint is checked (types, ranges,
+finiteness, shapes, RNG states) before any of it is applied; a damaged one is skipped, with a
+warning, for the previous intact one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 
@@ -187,15 +192,128 @@ def candidates(root: Path) -> tuple[Path | None, list[Path]]:
 
 
 class CorruptCheckpoint(Exception):
-    """A checkpoint file is missing or unreadable; `path` names it."""
+    """A checkpoint file is missing, unreadable or holds damaged state; `path` names it."""
 
     def __init__(self, path: Path, reason: str):
         self.path, self.reason = path, reason
         super().__init__(f"{path}: {reason}")
 
 
+class CheckpointState(BaseModel):
+    """state.json: the loop's position and process 0's RNG (checked further by `_check_rng_json`).
+    Fields it does not know (added by a later version, or by the loop's state) are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    iteration: int = Field(ge=0)
+    data_position: int = Field(ge=0)
+    processes: int = Field(1, ge=1)
+    rng: dict[str, Any]
+    rng_ranks: dict[str, dict[str, Any]] = {}
+
+
+def _check_state(path: Path, state: Any) -> None:
+    file = path / "state.json"
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(file, "holds no iteration and RNG state")
+    try:
+        checked = CheckpointState.model_validate(state)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the record"
+        value = "" if first["type"] == "missing" else f" {_short(first.get('input'))}"
+        raise CorruptCheckpoint(file, f"holds a bad {where}{value} ({first['msg'][:1].lower()}{first['msg'][1:]})"
+                                ) from None
+    if path.name.startswith("iter_") and path.name != f"iter_{checked.iteration:04d}":
+        raise CorruptCheckpoint(file, f"says iteration {checked.iteration}, but it is the checkpoint {path.name}")
+    expected = {str(r) for r in range(1, checked.processes)}
+    if set(checked.rng_ranks) != expected:
+        raise CorruptCheckpoint(file, f"holds the RNG state of processes {sorted(checked.rng_ranks) or 'none'} "
+                                f"beside process 0, but says it was saved by {checked.processes}")
+    for rank, jsonable in [("0", checked.rng), *sorted(checked.rng_ranks.items())]:
+        problem = _check_rng_json(jsonable)
+        if problem:
+            where = "rng" if rank == "0" else f"rng_ranks.{rank}"
+            raise CorruptCheckpoint(file, f"holds a bad {where}: {problem}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int  # noqa: E721 - a bool is no RNG word
+
+
+def _check_rng_json(jsonable: dict[str, Any]) -> str | None:
+    """Why `rng_state`'s JSON half cannot be what it wrote (None when it can): each part is tried
+    on a scratch generator, so nothing of the running process changes."""
+    if set(jsonable) != {"python", "numpy"}:
+        return f"entries {sorted(jsonable)}, not python and numpy"
+    py = jsonable["python"]
+    if not (isinstance(py, list) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], list)
+            and all(_is_int(x) and 0 <= x < 2**32 for x in py[1])
+            and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2])))):
+        return "python is not a Python random state"
+    try:
+        random.Random().setstate((py[0], tuple(py[1]), py[2]))
+    except (ValueError, TypeError, OverflowError) as e:
+        return f"python is not a Python random state ({e})"
+    n = jsonable["numpy"]
+    if not (isinstance(n, list) and len(n) == 5 and n[0] == "MT19937" and isinstance(n[1], list) and len(n[1]) == 624
+            and all(_is_int(x) and 0 <= x < 2**32 for x in n[1]) and _is_int(n[2]) and 0 <= n[2] <= 624
+            and n[3] in (0, 1) and _is_int(n[3]) and isinstance(n[4], float) and math.isfinite(n[4])):
+        return "numpy is not a numpy MT19937 state"
+    try:
+        np.random.RandomState().set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    except (ValueError, TypeError, OverflowError) as e:
+        return f"numpy is not a numpy MT19937 state ({e})"
+    return None
+
+
+RNG_TENSOR = re.compile(r"(?:rank(\d+)/)?(torch|train_generator|cuda_\d+)")
+
+
+def _check_rng_tensors(path: Path, tensors: dict[str, torch.Tensor], processes: int) -> None:
+    file = path / "rng.safetensors"
+    for r in range(processes):
+        for key in ("torch", "train_generator"):
+            name = f"rank{r}/{key}" if r else key
+            if name not in tensors:
+                raise CorruptCheckpoint(file, f"lacks the RNG state {name}")
+    for name, t in tensors.items():
+        match = RNG_TENSOR.fullmatch(name)
+        if match is None or int(match.group(1) or 0) >= processes or match.group(1) == "0":
+            raise CorruptCheckpoint(file, f"holds {name!r}, which is no RNG state of its {processes} process(es)")
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise CorruptCheckpoint(file, f"{name} is a {t.dtype} tensor of shape {list(t.shape)}, not an RNG state")
+        kind = match.group(2)
+        try:
+            if not kind.startswith("cuda_"):  # the global CPU stream and the (CPU) training generator
+                torch.Generator().set_state(t)
+            elif torch.cuda.is_available():
+                torch.Generator(device="cuda").set_state(t)
+        except RuntimeError as e:
+            raise CorruptCheckpoint(file, f"{name} is not an RNG state ({str(e).splitlines()[0]})") from None
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a (nested) optimizer state holds a NaN or infinity."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Every file of a checkpoint, read and checked before anything is applied."""
+    """Every file of a checkpoint, read and checked (types, finiteness, RNG states) before anything
+    is applied; `load_checkpoint` checks the shapes against the model."""
     parts: dict[str, Any] = {}
     readers = {
         "state.json": lambda f: json.loads(f.read_text(encoding="utf-8")),
@@ -214,27 +332,67 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint unusable
             raise CorruptCheckpoint(file, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     state = parts["state.json"]
-    if not isinstance(state, dict) or not isinstance(state.get("iteration"), int) or "rng" not in state:
-        raise CorruptCheckpoint(path / "state.json", "holds no iteration and RNG state")
-    adapter = parts["adapter.safetensors"]
-    if any(not torch.isfinite(t).all() for t in adapter.values() if t.is_floating_point()):
-        raise CorruptCheckpoint(path / "adapter.safetensors", "holds non-finite weights")
+    _check_state(path, state)
+    for name in ("adapter.safetensors", "ema.safetensors"):
+        if name in parts and any(not torch.isfinite(t).all() for t in parts[name].values() if t.is_floating_point()):
+            raise CorruptCheckpoint(path / name, "holds non-finite weights")
+    training = parts["training_state.pt"]
+    optimizer = training.get("optimizer") if isinstance(training, dict) else None
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])):
+        raise CorruptCheckpoint(path / "training_state.pt", "holds no optimizer state")
+    if _non_finite(training):
+        raise CorruptCheckpoint(path / "training_state.pt", "holds non-finite optimizer state")
+    _check_rng_tensors(path, parts["rng.safetensors"], state.get("processes", 1))
     return parts
+
+
+def _check_fits(path: Path, parts: dict[str, Any], backend, ema) -> None:
+    """Shapes: the adapter's and the optimizer's tensors are those of this model's LoRA, and so are the EMA's."""
+    adapter, expected = parts["adapter.safetensors"], backend.adapter_state()
+    file = path / "adapter.safetensors"
+    missing, extra = sorted(set(expected) - set(adapter)), sorted(set(adapter) - set(expected))
+    if missing:
+        raise CorruptCheckpoint(file, f"lacks {len(missing)} tensor(s) of this LoRA (first: {missing[0]})")
+    if extra:
+        raise CorruptCheckpoint(file, f"holds {len(extra)} tensor(s) this LoRA does not have (first: {extra[0]})")
+    for name, t in adapter.items():
+        if t.shape != expected[name].shape:
+            raise CorruptCheckpoint(file, f"{name} has shape {list(t.shape)}, this LoRA's {list(expected[name].shape)}")
+    if ema is not None:
+        if "ema.safetensors" not in parts:
+            raise CorruptCheckpoint(path / "ema.safetensors", "missing (training.ema_decay is set)")
+        try:
+            ema.check_state(parts["ema.safetensors"])
+        except ValueError as e:
+            raise CorruptCheckpoint(path / "ema.safetensors", f"does not fit this LoRA ({e})") from None
+    optimizer, params = parts["training_state.pt"]["optimizer"], list(backend.lora_params)
+    file = path / "training_state.pt"
+    order = [i for group in optimizer["param_groups"] for i in group["params"]]
+    if len(order) != len(params) or len(set(order)) != len(order):
+        raise CorruptCheckpoint(file, f"holds the optimizer state of {len(order)} tensors, this LoRA has {len(params)}")
+    position = {i: n for n, i in enumerate(order)}
+    for i, entry in optimizer["state"].items():
+        if i not in position or not isinstance(entry, dict):
+            raise CorruptCheckpoint(file, f"holds optimizer state for a tensor {i!r} it has no parameter group for")
+        shape = params[position[i]].shape
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shape:
+                raise CorruptCheckpoint(file, f"optimizer {key} of tensor {i} has shape {list(value.shape)}, "
+                                        f"the LoRA's {list(shape)}")
 
 
 def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict[str, Any] | None = None,
                     ema=None, rank: int = 0) -> dict[str, Any]:
     """Restore adapter, optimizer, EMA and (process `rank`'s) RNG states; returns the saved loop
-    state. A rank the checkpoint holds no RNG for (it was saved by fewer processes) keeps the
-    streams it was started with."""
+    state. Every file is checked (`read_checkpoint`, `_check_fits`) before anything is applied.
+    A rank the checkpoint holds no RNG for (it was saved by fewer processes) keeps the streams it
+    was started with."""
     parts = parts if parts is not None else read_checkpoint(path)
+    _check_fits(path, parts, backend, ema)
     if ema is not None:
-        if "ema.safetensors" not in parts:
-            raise CorruptCheckpoint(path / "ema.safetensors", "missing (training.ema_decay is set)")
-        try:
-            ema.load_state(parts["ema.safetensors"])
-        except (ValueError, RuntimeError) as e:
-            raise CorruptCheckpoint(path / "ema.safetensors", f"does not fit this LoRA ({e})") from e
+        ema.load_state(parts["ema.safetensors"])
     try:
         backend.load_adapter_state(parts["adapter.safetensors"])
         backend.load_training_state(parts["training_state.pt"])
@@ -248,7 +406,10 @@ def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict
         prefix = f"rank{rank}/"
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if jsonable is not None and tensors:
-        set_rng_state(jsonable, tensors, generator)
+        try:
+            set_rng_state(jsonable, tensors, generator)
+        except (ValueError, TypeError, OverflowError, RuntimeError, KeyError) as e:  # checked already; never half-used
+            raise CorruptCheckpoint(path / "rng.safetensors", f"is not an RNG state ({type(e).__name__}: {e})") from e
     return state
 
 

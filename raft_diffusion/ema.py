@@ -45,9 +45,20 @@ class LoraEMA:
     def state(self) -> dict[str, torch.Tensor]:
         return {f"ema.{i}": avg.detach().cpu().contiguous() for i, avg in enumerate(self.average)}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+    def check_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError unless `state` is one of `state()`'s: a finite tensor of each weight's
+        own shape (copy_ would broadcast a smaller one silently)."""
         if len(state) != len(self.average) or any(f"ema.{i}" not in state for i in range(len(self.average))):
             raise ValueError(f"EMA state has {len(state)} tensors, the LoRA {len(self.average)}")
+        for i, avg in enumerate(self.average):
+            t = state[f"ema.{i}"]
+            if t.shape != avg.shape:
+                raise ValueError(f"ema.{i} has shape {list(t.shape)}, the weight {list(avg.shape)}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"ema.{i} is not finite")
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.check_state(state)
         with torch.no_grad():
             for i, avg in enumerate(self.average):
                 avg.copy_(state[f"ema.{i}"])

@@ -45,8 +45,9 @@ RUN_ENTRIES = frozenset({
     "before_after.png", "before_after.md", "reference.json", "report.html", "logs",
 })
 TEMPORARY_PREFIXES = (".tmp-", ".old-")  # write_dir_atomically's leftovers after a kill
-# The files a run writes, folder by folder; `written` adds the sample files its rows name.
-TOP_FILES = RUN_ENTRIES - {"samples", "checkpoints", "final", "logs"}
+RUN_FOLDERS = ("samples", "checkpoints", "final", "logs")  # a file in their place is refused (claim)
+# The files a run writes, folder by folder (`_written_in`).
+TOP_FILES = RUN_ENTRIES - set(RUN_FOLDERS)
 CHECKPOINT_DIR = re.compile(r"iter_\d{4,}")
 # diffusers' LoRA file; PEFT's adapter and config (and the model card it writes, for text runs)
 FINAL_FILES = frozenset({"pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json"})
@@ -180,6 +181,10 @@ class RunDirectory:
         if foreign:
             raise UserError("output_dir", f"{self.path} holds '{foreign[0]}', which no raft-diffusion run writes",
                             "choose an empty or new --output-dir; a run never deletes files it did not write")
+        for name in RUN_FOLDERS:  # a run's folder replaced by a file: refused, the file kept
+            if (self.path / name).exists() and not (self.path / name).is_dir():
+                raise UserError("output_dir", f"{self.path / name} is a file where the run keeps its {name}/ folder",
+                                "move or rename that file, then run again; a run never deletes files it did not write")
         saved = self.path / "config.yaml"
         if not saved.is_file():
             raise UserError("output_dir", f"{self.path} holds files that are not a raft-diffusion run (no config.yaml)",
@@ -243,7 +248,7 @@ class RunDirectory:
         ours, kept = self.written()
         for path in ours:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        for folder in ("samples", "checkpoints", "final", "logs"):
+        for folder in RUN_FOLDERS:
             _remove_empty_dirs(self.path / folder)
         return kept
 
