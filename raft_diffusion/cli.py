@@ -424,7 +424,7 @@ def report(
         raise UserError("RUN_DIR", f"{run_dir} is not a directory", "pass a run directory, e.g. runs/demo-monet-cat")
     from .html_report import write
 
-    print(write(run_dir))
+    print(write(run_dir, warn=lambda line: print(_printable(line), file=sys.stderr)))
 
 
 @app.command("config-help")

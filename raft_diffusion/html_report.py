@@ -12,48 +12,57 @@ import base64
 import html
 import io
 import math
+import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from .config import ReportConfig
 from .errors import UserError
 from .flags import evaluations, find
-from .report import grid_image, last_eval_dir, rows
-from .run_dir import RunDirectory
+from .report import Run, grid_image, inside, last_eval_dir, picture, read_run, rows, run_file, sample_dir, thumbnail
 
 MAX_CANDIDATES = 64  # of the last iteration, shown as thumbnails or texts
+# Bidirectional controls (embeddings, overrides, isolates, marks): a prompt's right-to-left override
+# would reverse the text after it. Dropped, and each prompt set in its own <bdi>.
+BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"))
 
 
-def write(run_dir: str | Path) -> Path:
-    """Write `RUN_DIR/report.html` (atomically) and return its path."""
+def write(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """Write `RUN_DIR/report.html` (atomically) and return its path. The run directory's records are
+    read and checked first (report.read_run); a damaged one is a UserError and nothing is written."""
+    from .checkpoint import write_text_atomically
+
     run_dir = Path(run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
+    metrics = run_file(run_dir, "metrics.jsonl")
+    if metrics is None or not metrics.is_file():
         raise UserError("RUN_DIR", f"{run_dir} holds no metrics.jsonl", "pass a run directory that has run an iteration")
-    records = RunDirectory(run_dir).read_metrics()
+    out = run_dir / "report.html"
+    if os.path.lexists(out) and not out.is_symlink() and not out.is_file():
+        raise UserError("RUN_DIR report.html", f"{out} is a directory or another non-file, so the report cannot "
+                        "replace it", "move it away, then run the report again")
+    run = read_run(run_dir, warn)
+    records, config, config_text = run.records, run.config, run.config_text
     if not records:
         raise UserError("RUN_DIR", f"{run_dir} has no iteration yet", "report a run once an iteration has ended")
-    config_text = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else ""
-    config = yaml.safe_load(config_text) or {}
     flags = find(records, ReportConfig.model_validate(config.get("report") or {}))
     # Rewards normalised per prompt or batch sum to a mean of 0 by construction: a flat line of rounding
     # noise (1e-17) that says nothing. Their parts, raw, are drawn instead.
     normalised = any(isinstance(r, dict) and r.get("normalize", "none") != "none" for r in config.get("rewards") or [])
     skip = {"reward"} if normalised else set()
     parts = [
-        f"<h1>{html.escape(run_dir.resolve().name)}</h1>",
-        f"<p>{len(records)} iterations; backend {html.escape(str(config.get('backend', '?')))}, model "
-        f"{html.escape(str((config.get('model') or {}).get('path', '?')))}</p>",
+        f"<h1>{_esc(run_dir.resolve().name)}</h1>",
+        f"<p>{len(records)} iterations; backend {_esc(str(config.get('backend', '?')))}, model "
+        f"{_esc(str((config.get('model') or {}).get('path', '?')))}</p>",
         _flags(flags),
         "<h2>Curves</h2>", _curves(records, skip),
         "<p>The combined reward of the held-out samples is not drawn: its rewards are normalised, so its "
         "mean is 0 by construction; each reward is drawn raw.</p>" if skip else "",
-        _before_after(run_dir),
+        _before_after(run),
         _per_prompt(run_dir, skip),
-        _candidates(run_dir, records),
-        "<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>",
+        _candidates(run_dir, records, warn),
+        "<h2>Config</h2>", f"<pre>{_esc(config_text)}</pre>",
     ]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>raft-diffusion report</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
@@ -62,18 +71,25 @@ def write(run_dir: str | Path) -> Path:
             ".ok{background:#e8f5e9;border-left:4px solid #43a047;padding:.4em .8em}"
             ".sel{outline:3px solid #2e7d32}figure{display:inline-block;margin:2px;font-size:11px}"
             "</style></head><body>" + "\n".join(parts) + "</body></html>\n")
-    out = run_dir / "report.html"
-    tmp = run_dir / ".tmp-report.html"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_text_atomically(out, page)
     return out
+
+
+def _esc(text: str) -> str:
+    """`text` for HTML: escaped, with bidirectional controls dropped."""
+    return html.escape(str(text).translate(BIDI_CONTROLS))
+
+
+def _prompt(text: str) -> str:
+    """A prompt (or a text) isolated from its neighbours' direction (<bdi>), its bidi controls dropped."""
+    return f"<bdi>{_esc(text)}</bdi>"
 
 
 def _flags(flags) -> str:
     if not flags:
         return "<div class='ok' id='flags'>No flag: no held-out judge fell while the reward rose, no collapse " \
                "after a peak, no loss of diversity.</div>"
-    items = "".join(f"<div class='flag'><b>{html.escape(f.kind)}</b>: {html.escape(f.message)}</div>" for f in flags)
+    items = "".join(f"<div class='flag'><b>{_esc(f.kind)}</b>: {_esc(f.message)}</div>" for f in flags)
     return f"<div id='flags'><h2>Flags</h2>{items}</div>"
 
 
@@ -107,7 +123,7 @@ def _curves(records: list[dict[str, Any]], skip: set[str] = frozenset()) -> str:
         else:
             pts = [(it, e[name]) for it, e in evals if isinstance(e.get(name), (int, float))]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="C2")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9, parse_math=False)  # a label is text: `$` is no mathtext
         ax.set_xlabel("iteration", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -118,33 +134,31 @@ def _curves(records: list[dict[str, Any]], skip: set[str] = frozenset()) -> str:
     return f"<img id='curves' alt='curves' src='{uri}'>"
 
 
-def _image_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 def _pil_uri(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _before_after(run_dir: Path) -> str:
-    base, last = run_dir / "samples/base_eval", last_eval_dir(run_dir)
-    before = rows(base)
+def _before_after(run: Run) -> str:
+    base, last = sample_dir(run.path, "base_eval"), last_eval_dir(run.path)
+    before = rows(base) if base is not None else []
     if not before or last is None:
         return ""
     if "file" in before[0]:
-        return f"<h2>Before and after</h2><img id='grid' alt='before/after grid' src='{_pil_uri(grid_image(run_dir))}'>"
+        image = grid_image(run.path, resolution=run.resolution)
+        return f"<h2>Before and after</h2><img id='grid' alt='before/after grid' src='{_pil_uri(image)}'>"
     pairs = list(zip(before, rows(last)))[:16]
-    body = "".join(f"<tr><td style='text-align:left'>{html.escape(b['prompt'])}</td>"
-                   f"<td style='text-align:left'>{html.escape(b['text'])}</td>"
-                   f"<td style='text-align:left'>{html.escape(a['text'])}</td></tr>" for b, a in pairs)
+    body = "".join(f"<tr><td style='text-align:left'>{_prompt(b['prompt'])}</td>"
+                   f"<td style='text-align:left'>{_prompt(b.get('text', ''))}</td>"
+                   f"<td style='text-align:left'>{_prompt(a.get('text', ''))}</td></tr>" for b, a in pairs)
     return ("<h2>Before and after</h2><table id='grid'><tr><th>prompt</th><th>base</th><th>tuned</th></tr>"
             + body + "</table>")
 
 
 def _per_prompt(run_dir: Path, skip: set[str] = frozenset()) -> str:
-    base, last = rows(run_dir / "samples/base_eval"), last_eval_dir(run_dir)
+    base_dir, last = sample_dir(run_dir, "base_eval"), last_eval_dir(run_dir)
+    base = rows(base_dir) if base_dir is not None else []
     if not base or last is None:
         return ""
     tuned = rows(last)
@@ -152,38 +166,44 @@ def _per_prompt(run_dir: Path, skip: set[str] = frozenset()) -> str:
     def means(table):
         sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for r in table:
-            for k, v in {"reward": r.get("reward"), **r.get("scores", {})}.items():
-                if isinstance(v, (int, float)):
+            for k, v in {"reward": r.get("reward"), **r["scores"]}.items():
+                if v is not None:  # numbers, checked by report.rows; None: a dropped sample
                     sums[r["prompt"]][k].append(v)
-        return {p: {k: sum(v) / len(v) for k, v in d.items()} for p, d in sums.items()}
+        return {p: {k: math.fsum(v) / len(v) for k, v in d.items()} for p, d in sums.items()}
 
     before, after = means(base), means(tuned)
     names = list(dict.fromkeys(k for d in before.values() for k in d if k not in skip))
-    head = "".join(f"<th>{html.escape(n)} base</th><th>{html.escape(n)} tuned</th>" for n in names)
+    head = "".join(f"<th>{_esc(n)} base</th><th>{_esc(n)} tuned</th>" for n in names)
     body = ""
     for prompt in before:
         cells = "".join(f"<td>{before[prompt].get(n, float('nan')):.4g}</td>"
                         f"<td>{after.get(prompt, {}).get(n, float('nan')):.4g}</td>" for n in names)
-        body += f"<tr><td style='text-align:left'>{html.escape(prompt)}</td>{cells}</tr>"
-    return (f"<h2>Per prompt ({html.escape(last.parent.name)} against the base model)</h2>"
+        body += f"<tr><td style='text-align:left'>{_prompt(prompt)}</td>{cells}</tr>"
+    return (f"<h2>Per prompt ({_esc(last.parent.name)} against the base model)</h2>"
             f"<table id='per-prompt'><tr><th>prompt</th>{head}</tr>{body}</table>")
 
 
-def _candidates(run_dir: Path, records: list[dict[str, Any]]) -> str:
-    directory = run_dir / "samples" / f"iter_{records[-1]['iteration']:04d}"
-    shown = rows(directory)[:MAX_CANDIDATES]
+def _candidates(run_dir: Path, records: list[dict[str, Any]], warn: Callable[[str], None] | None = None) -> str:
+    name = f"iter_{records[-1]['iteration']:04d}"
+    directory = sample_dir(run_dir, name)
+    shown = rows(directory)[:MAX_CANDIDATES] if directory is not None else []
     if not shown:
         return ""
     title = (f"<h2>Candidates of iteration {records[-1]['iteration'] + 1}</h2>"
              "<p>Outlined or bold: selected for fine-tuning.</p>")
     if "file" in shown[0]:
-        figures = "".join(
-            f"<figure><img width='96' {'class=sel ' if r['selected'] else ''}alt='{html.escape(r['prompt'])}' "
-            f"src='{_image_uri(directory / r['file'])}'><figcaption>{_g(r['reward'])}</figcaption></figure>"
-            for r in shown if (directory / r["file"]).is_file())
-        return title + f"<div id='candidates'>{figures}</div>"
-    body = "".join(f"<tr><td>{_g(r['reward'])}</td><td style='text-align:left'>"
-                   f"{'<b>' if r['selected'] else ''}{html.escape(r['prompt'] + r['text'])}"
+        figures = []
+        for r in shown:
+            if not os.path.lexists(inside(directory, r["file"], r.where, "file")):  # pruned, or not written yet
+                if warn is not None:
+                    warn(f"warning: {r.where}: {r['file']} is missing; left out of the candidates")
+                continue
+            uri = _pil_uri(thumbnail(picture(directory, r)))
+            figures.append(f"<figure><img width='96' {'class=sel ' if r['selected'] else ''}alt='{_esc(r['prompt'])}' "
+                           f"src='{uri}'><figcaption>{_g(r.get('reward'))}</figcaption></figure>")
+        return title + f"<div id='candidates'>{''.join(figures)}</div>"
+    body = "".join(f"<tr><td>{_g(r.get('reward'))}</td><td style='text-align:left'>"
+                   f"{'<b>' if r['selected'] else ''}{_prompt(r['prompt'] + r.get('text', ''))}"
                    f"{'</b>' if r['selected'] else ''}</td></tr>" for r in shown)
     return title + f"<table id='candidates'><tr><th>reward</th><th>text</th></tr>{body}</table>"
 

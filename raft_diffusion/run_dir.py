@@ -311,7 +311,7 @@ class RunDirectory:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # garbled, a 5,000-digit number, nesting 5,000 deep
                 record = None
             if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
                 if warn is not None:

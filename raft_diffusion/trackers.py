@@ -23,6 +23,7 @@ from PIL import Image
 
 from .config import RunConfig, config_to_yaml
 from .errors import UserError
+from .report import pictures as _pictures
 from .report import rows as _rows
 
 # accelerate's tracker name -> the package that provides it
@@ -126,7 +127,8 @@ def _log_eval(accelerator, directory: Path, evaluation: dict[str, Any], step: in
     if not rows:
         return
     if "file" in rows[0]:
-        grid = tile([Image.open(directory / r["file"]).convert("RGB") for r in rows[:GRID_IMAGES]])
+        # decoded and checked as the report does: a file inside the folder, a picture PIL reads whole
+        grid = tile(_pictures(directory, rows[:GRID_IMAGES]))
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("eval/samples", np.asarray(grid), step, dataformats="HWC")
@@ -136,7 +138,7 @@ def _log_eval(accelerator, directory: Path, evaluation: dict[str, Any], step: in
     else:
         scores = list(rows[0].get("scores", {}))
         columns = ["prompt", "seed", "text", "reward", *scores]
-        data = [[r["prompt"], r["seed"], r["text"], r.get("reward"), *(r["scores"].get(k) for k in scores)]
+        data = [[r["prompt"], r.get("seed"), r.get("text", ""), r.get("reward"), *(r["scores"].get(k) for k in scores)]
                 for r in rows[:MAX_TEXT_ROWS]]
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
