@@ -286,7 +286,6 @@ DAMAGES = {
     "eval_before_a_string": (_record(0, eval_before="base"), "metrics.jsonl iteration 0 eval_before"),
     "huge_float_in_metrics": (_raw_eval_value("1e999"), "metrics.jsonl iteration 0 eval.reward"),
     "huge_int_in_metrics": (_raw_eval_value(HUGE_INT), "metrics.jsonl iteration 0 eval.reward"),
-    "giant_int_in_metrics": (_raw_eval_value(GIANT_INT), "metrics.jsonl line 1"),
     "string_metric_value": (_record(1, eval={"reward": "0.5", "jpeg_compressibility": 0.1}),
                             "metrics.jsonl iteration 1 eval.reward"),
     "string_reward_mean": (_record(1, reward_mean="high"), "metrics.jsonl iteration 1 reward_mean"),
@@ -363,6 +362,16 @@ def test_blank_lines_in_rows_and_metrics_are_skipped(run, capfd):
     assert result.returncode == 0, result.stderr
     page = (run / "report.html").read_text()
     assert page.count("<figure>") == len(_rows(run / CANDIDATES)) and "id='grid'" in page
+
+
+@pytest.mark.parametrize("raw", [GIANT_INT, "[" * 5000 + "]" * 5000])
+def test_a_metrics_line_json_cannot_read_is_skipped_as_garbled(run, capfd, raw):
+    """A number of 5,000 digits or nesting 5,000 deep is no record (as a line cut by a kill): the
+    report skips it and says so, as a resumed run does."""
+    _raw_eval_value(raw)(run)
+    result = _report(capfd, run)
+    assert result.returncode == 0, result.stderr
+    assert "metrics.jsonl line 1 is garbled; skipped" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_missing_candidate_picture_is_left_out_with_a_warning(run, capfd):
