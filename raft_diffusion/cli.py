@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import RunFailed, UserError
+from .errors import printable as _printable
 from .files import read_image
 from .paths import CONFIGS
 
@@ -274,10 +275,14 @@ def generate(
     on a few pixels, as kernels round a batch of 32 slightly differently from a batch of 1.
     """
     _check_generate_options(n, resolution, steps, guidance_scale, scheduler, eta, batch_size)
+    _check_generate_seed_and_out(seed, n, out)
+    if resolution is not None:
+        _check_generate_memory(n, resolution)  # before anything of size -n is made (100000000 would hang)
     if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
         raise UserError("--lora", f"no pytorch_lora_weights.safetensors in {lora}", "pass a run's final/ directory")
-    names = [out / f"{seed + i:06d}.png" for i in range(n)]
-    taken = [p for p in names if p.exists()]
+    if lora is not None:
+        _check_lora_finite(lora / "pytorch_lora_weights.safetensors")
+    taken = _taken_names(out, seed, n)
     if taken:
         raise UserError("--out", f"{taken[0]} exists", "choose another --out or --seed")
     _quiet_libraries()
@@ -300,6 +305,10 @@ def generate(
     gen = GenerationConfig(resolution=resolution, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
                            eta=eta, negative_prompt=negative_prompt, batch_size=batch_size)
     family_of(pipe).check_generation(gen, "--scheduler", "--eta")
+    # Every image holds its own copy of the prompt's encodings too: measured on one, before n are made.
+    one = [part for part in encode_prompts(pipe, [prompt], gen) if part is not None]
+    _check_generate_memory(n, resolution, sum(t.nelement() * t.element_size() for c in one for t in c.values()))
+    names = [out / f"{seed + i:06d}.png" for i in range(n)]
     seeds = [seed + i for i in range(n)]
     cond, uncond = encode_prompts(pipe, [prompt] * n, gen)
     images = to_uint8(generate_latents(pipe, cond, uncond, seeds, gen)[1])
@@ -322,6 +331,10 @@ def _check_generate_options(n: int, resolution: int | None, steps: int, guidance
     if resolution is not None and resolution <= 0:
         raise UserError("--resolution", f"{resolution} pixels", "use a positive multiple of the model's latent "
                         "scale, or leave it out for the model's own size")
+    largest = next(m.le for m in GenerationConfig.model_fields["resolution"].metadata if hasattr(m, "le"))
+    if resolution is not None and resolution > largest:
+        raise UserError("--resolution", f"{resolution} pixels is more than {largest}, the largest image side "
+                        "generation.resolution allows", "use e.g. 512, or leave it out for the model's own size")
     if not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise UserError("--guidance-scale", f"{guidance_scale} is not a finite value >= 0",
                         "use e.g. 7.5, or 1 for no guidance")
@@ -331,6 +344,72 @@ def _check_generate_options(n: int, resolution: int | None, steps: int, guidance
         raise UserError("--eta", f"{eta} is not in [0, 1]", "use a value from 0 (deterministic) to 1")
     if batch_size <= 0:
         raise UserError("--batch-size", f"{batch_size}", "use a positive batch size")
+
+
+# torch.Generator.manual_seed takes 0 to 2**64 - 1 (and would map a negative seed onto one of them).
+_LARGEST_SEED = 2**64 - 1
+
+
+def _check_generate_seed_and_out(seed: int, n: int, out: Path) -> None:
+    """Refuse a seed torch cannot take (image i uses seed + i) and an --out that cannot be a directory."""
+    if seed < 0 or seed + n - 1 > _LARGEST_SEED:
+        last = f" (the last of the -n {n} images uses seed + {n - 1})" if n > 1 and seed >= 0 else ""
+        raise UserError("--seed", f"{seed} is outside 0 to {_LARGEST_SEED} (2**64 - 1), the seeds torch takes{last}",
+                        "use e.g. --seed 0, or a run's seed from its samples.jsonl")
+    folder = out
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent  # the nearest existing folder, which the PNG files' folder is made in
+    if folder.exists() and not folder.is_dir() or folder.is_symlink() and not folder.exists():
+        kind = "a file" if folder.exists() else "a link to nothing"
+        what = f"{out} is {kind}" if folder == out else f"{folder} (above {out}) is {kind}"
+        raise UserError("--out", f"{what}, not a directory", "choose a directory for the PNG files")
+
+
+def _check_generate_memory(n: int, resolution: int, per_image: int = 0) -> None:
+    """Refuse -n images that cannot be held in memory at once (generate keeps all of them until it writes
+    them): each holds its float32 image, its uint8 copy, its latents and `per_image` bytes more (its
+    prompt's encodings); at most half of this machine's memory, as a training run's check allows."""
+    from .train import _memory_bytes
+
+    need = n * (3 * resolution**2 * 4 + 3 * resolution**2 + 4 * (resolution // 8) ** 2 * 4 + per_image)
+    available = _memory_bytes()
+    if available and need > available // 2:
+        fit = max(1, (available // 2) // max(1, need // n))
+        raise UserError("-n", f"{n} images at {resolution} px hold about {need / 2**30:.1f} GiB, more than half of "
+                        f"this machine's {available / 2**30:.1f} GiB", f"ask for at most {fit} at a time; each call "
+                        "can take its own --seed")
+
+
+def _taken_names(out: Path, seed: int, n: int) -> list[Path]:
+    """The PNG files of this call (seed to seed + n - 1) that `out` holds already, found without making
+    n names (-n may be large)."""
+    if not out.is_dir():
+        return []
+    taken = []
+    with os.scandir(out) as entries:
+        for entry in entries:
+            stem, dot, suffix = entry.name.partition(".")
+            if dot and suffix == "png" and stem.isdigit() and stem.isascii() and seed <= int(stem) < seed + n \
+                    and entry.name == f"{int(stem):06d}.png":
+                taken.append(out / entry.name)
+    return sorted(taken)
+
+
+def _check_lora_finite(path: Path) -> None:
+    """Refuse a LoRA file whose tensors hold NaN or inf (a run that diverged): it would give black or
+    noise images, and loading it would blame the model's layers instead."""
+    import torch
+
+    from .weights import read_tensors
+
+    try:
+        state = read_tensors(path, "--lora")
+    except UserError as e:  # the message load_lora gives for a garbage or truncated file
+        raise UserError("--lora", e.problem, "pass a run's final/ directory, as training saved it") from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError("--lora", f"{path} holds non-finite values (NaN or inf) in {len(bad)} of {len(state)} "
+                        f"tensors, e.g. {bad[0]}", "pass the final/ of a run that did not diverge")
 
 
 def _write_images(images, names: list[Path]) -> None:
@@ -353,7 +432,7 @@ def _write_images(images, names: list[Path]) -> None:
         raise
     for tmp, path in zip(temporary, names):
         os.replace(tmp, path)
-        print(path)
+        print(_printable(str(path)))  # a folder name's terminal escape sequence is shown, not run
 
 
 @app.command()
@@ -403,15 +482,19 @@ def score(
 def _parse_options(assignments: list[str]) -> dict:
     import yaml
 
+    from .config import YamlRefused, read_yaml
+
     options = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep or not key.strip():
             raise UserError("--option", f"{assignment!r} is not key=value", "write e.g. --option pretrained=openai")
         try:
-            options[key.strip()] = yaml.safe_load(raw)
+            options[key.strip()] = read_yaml(raw)
         except yaml.YAMLError:
             options[key.strip()] = raw
+        except YamlRefused as e:  # a YAML bomb, a value that holds itself, nesting past the limit
+            raise UserError("--option", f"{key.strip()}: {e.problem}", e.fix or "give a plain value") from None
     return options
 
 
@@ -482,15 +565,6 @@ def _write_failed_line(e: _WriteFailed) -> str:
     else:
         after = "nothing half-written was left; free space and run it again"
     return f"error: {what}: {e.reason} ({after})"
-
-
-def _printable(line: str) -> str:
-    """`line` with control and format characters escaped (a file name's terminal escape sequence,
-    a prompt's right-to-left override), so an error line shows what it names and nothing else."""
-    import unicodedata
-
-    return "".join(c if c == " " or unicodedata.category(c)[0] not in "CZ" else c.encode("unicode_escape").decode()
-                   for c in line)
 
 
 def _fail(line: str, code: int, debug: bool) -> int:

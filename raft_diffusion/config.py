@@ -321,6 +321,161 @@ class RunConfig(_Strict):
         return self
 
 
+
+# --- reading YAML, with limits ---------------------------------------------------------------
+# Configs, --set values and a run's config.yaml come from users (or from whoever shared a run
+# directory). PyYAML's safe_load shares an alias's value, but validation, copies and the saved
+# config.yaml expand it (ten nested aliases of ten are 10**9 values: a "billion laughs"); it builds a
+# structure that holds itself from `&o {self: *o}`, recurses once per nesting level (RecursionError
+# near 1,000 levels) and keeps the last of two equal keys silently. `read_yaml` refuses each of them
+# while the text is composed, before any value is built.
+
+MAX_YAML_BYTES = 8 * 2**20  # a config with thousands of inline prompts stays far below this
+MAX_YAML_DEPTH = 100  # nested lists and mappings; a config nests 4 or 5 deep
+MAX_ALIAS_VALUES = 100_000  # values that all aliases together repeat (an anchored prompt list reused is fine)
+MAX_SET_KEY_PARTS = 32  # dotted parts of one --set key
+
+
+class YamlRefused(Exception):
+    """A YAML text that the limits refuse: `problem`, at 1-based `line`, in the value at dotted `where`."""
+
+    def __init__(self, problem: str, line: int | None = None, where: str = "", fix: str | None = None):
+        super().__init__(problem)
+        self.problem, self.line, self.where, self.fix = problem, line, where, fix
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that counts while it composes the node tree: nesting depth, the values
+    aliases repeat (an alias costs the size of what it names, its own aliases expanded), aliases to
+    a node not yet complete (which would hold itself) and duplicate keys of a mapping."""
+
+    def __init__(self, stream, max_depth: int = MAX_YAML_DEPTH):
+        super().__init__(stream)
+        self._max_depth = max_depth
+        self._where: list[str] = []  # the dotted path of the node being composed
+        self._depth = 0
+        self._open: set[str] = set()  # anchors whose node is still being composed
+        self._repeated = [0, 0]  # values and characters repeated by aliases so far
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, characters), aliases expanded
+
+    def _refuse(self, problem: str, mark, fix: str) -> None:
+        where = self._where if len(self._where) <= 8 else [*self._where[:6], f"... ({len(self._where)} levels)"]
+        raise YamlRefused(problem, mark.line + 1 if mark is not None else None, ".".join(where), fix)
+
+    def compose_node(self, parent, index):
+        label = str(index) if isinstance(index, int) else getattr(index, "value", None)
+        if not isinstance(label, str):  # a mapping key, the document itself, or a key that is a collection
+            label = None
+        elif len(label) > 40:  # a key of a megabyte would make the error line that long
+            label = label[:40] + "..."
+        if label is not None:
+            self._where.append(label)
+        try:
+            return self._compose_counted(parent, index)
+        finally:
+            if label is not None:
+                self._where.pop()
+
+    def _compose_counted(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open:
+                self._refuse(f"alias *{event.anchor} names a value that contains it", event.start_mark,
+                             "an alias may only repeat a value completed before it")
+            node = self.anchors.get(event.anchor)
+            if node is not None:  # (an undefined one is PyYAML's own error)
+                values, chars = self._sizes.get(id(node), (1, 0))
+                self._repeated[0] += values
+                self._repeated[1] += chars
+                if self._repeated[0] > MAX_ALIAS_VALUES or self._repeated[1] > MAX_YAML_BYTES:
+                    self._refuse(f"aliases (here *{event.anchor}) repeat more than {MAX_ALIAS_VALUES} values or "
+                                 f"{MAX_YAML_BYTES // 2**20} MiB of text (a YAML bomb)", event.start_mark,
+                                 "write the values out, or repeat fewer of them through aliases")
+            return super().compose_node(parent, index)
+        nested = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))
+        if nested and self._depth >= self._max_depth:
+            self._refuse(f"lists and mappings nested more than {self._max_depth} deep", event.start_mark,
+                         "nest fewer levels")
+        anchor = event.anchor
+        if anchor is not None:
+            self._open.add(anchor)
+        self._depth += nested
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= nested
+            self._open.discard(anchor)
+        if isinstance(node, yaml.ScalarNode):
+            self._sizes[id(node)] = (1, len(node.value))
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            sizes = [self._sizes.get(id(child), (1, 0)) for child in children]
+            self._sizes[id(node)] = (1 + sum(s[0] for s in sizes), sum(s[1] for s in sizes))
+        return node
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], Any] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges: the keys written beside it replace the merged ones on purpose
+            first = seen.setdefault((key.tag, key.value), key)
+            if first is not key:
+                self._where.append(key.value)
+                self._refuse(f"duplicate key {key.value!r} (first at line {first.start_mark.line + 1})",
+                             key.start_mark, "keep one of them: YAML would silently use the last")
+        return node
+
+
+def read_yaml(text: str, max_depth: int = MAX_YAML_DEPTH) -> Any:
+    """The value of a YAML document, read safely and within the limits above (lists and mappings at
+    most `max_depth` deep): a `YamlRefused` when the limits refuse it, a `yaml.YAMLError` when it is
+    not valid YAML."""
+    if len(text) > MAX_YAML_BYTES:
+        raise YamlRefused(f"{len(text) / 2**20:.1f} MiB of YAML, more than {MAX_YAML_BYTES // 2**20} MiB")
+    loader = _LimitedLoader(text, max_depth)
+    try:
+        return loader.get_single_data()
+    except (ValueError, OverflowError) as e:  # an int of over 4300 digits, which Python refuses to convert
+        raise YamlRefused(str(e).split(";")[0]) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(e: Exception) -> str:
+    """`problem (at WHERE)` of a refused YAML text, `problem at line N, column M` of an invalid one."""
+    if isinstance(e, YamlRefused):
+        return e.problem + (f" (at {e.where})" if e.where else "")
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = (getattr(e, "problem", None) or "invalid YAML").replace("tag:yaml.org,2002:", "!!")
+    return f"{problem}{at}"
+
+
+def read_yaml_file(path: Path, field: str, fix: str, name_the_value: bool = False) -> Any:
+    """The value of the YAML file at `path`, read by `read_yaml`; whatever is wrong with it is one
+    `UserError` naming `field` (followed by the dotted place of a refused value if `name_the_value`)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise UserError(field, f"{path} is {size / 2**20:.1f} MiB, more than the {MAX_YAML_BYTES // 2**20} "
+                            "MiB a YAML file may be", fix)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(field, f"{path} is not UTF-8 text", "save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(field, f"cannot read {path}: {e.strerror or e}", fix) from None
+    try:
+        return read_yaml(text)
+    except YamlRefused as e:
+        where = f"{path} line {e.line}" if e.line else str(path)
+        if name_the_value and e.where:
+            raise UserError(f"{field} {e.where}", f"{where}: {e.problem}", e.fix or fix) from None
+        raise UserError(field, f"{where}: {_yaml_problem(e)}", e.fix or fix) from None
+    except yaml.YAMLError as e:
+        raise UserError(field, f"YAML syntax error in {path}: {_yaml_problem(e)}", fix) from None
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 
@@ -334,12 +489,17 @@ def _format_validation_error(err: ValidationError, source: str) -> UserError:
     elif first["type"] == "missing":
         problem, fix = "required field is missing", f"add it to {source}"
     else:
-        problem = first["msg"].rstrip(".") + f", got {first.get('input')!r}"
+        problem = first["msg"].rstrip(".") + f", got {_short(repr(first.get('input')))}"
         fix = f"fix the value in {source}"
     more = len(err.errors()) - 1
     if more:
         fix += f"; {more} more error(s) after this one"
     return UserError(f"config {field}", problem, fix)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters (a value quoted in an error line, which may be huge)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _model_at(model: type[BaseModel], loc: list[Any]) -> type[BaseModel] | None:
@@ -373,6 +533,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise UserError("--set", f"{assignment!r} is not key=value", "write e.g. --set raft.seed=1")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
+    if len(parts) > MAX_SET_KEY_PARTS:
+        raise UserError("--set", f"{_short(key, 80)} has {len(parts)} dotted parts, more than the {MAX_SET_KEY_PARTS} "
+                        "a key may have", "name a field of the config, e.g. --set rewards.0.options.quality=50")
     model: type[BaseModel] | None = RunConfig
     free = False  # below a free dict (a reward's options) any key goes
     node: Any = data
@@ -394,9 +557,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             model = _submodel(annotation)
         if last:
             try:
-                value = yaml.safe_load(raw)
+                # the value sits len(parts) levels down: with them, no deeper than a config file may be
+                value = read_yaml(raw, MAX_YAML_DEPTH - len(parts))
             except yaml.YAMLError:
                 value = raw
+            except YamlRefused as e:
+                at = f" (at {e.where} of the value)" if e.where else ""
+                raise UserError("--set", f"{_short(key, 80)}: {e.problem}{at}", e.fix or "give a plain value") from None
             node[idx] = value
         else:
             if isinstance(node, dict) and node.get(idx) is None:
@@ -411,15 +578,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError("config", f"file not found: {path}", "pass the path of a YAML config")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError("config", f"{path} is not UTF-8 text", "save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise UserError("config", f"YAML syntax error in {path}{where}: {problem}", "fix the YAML") from None
+    data = read_yaml_file(path, "config", "fix the YAML", name_the_value=True)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -435,13 +594,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def read_saved_config(path: Path) -> Any:
     """The fields of a run's own config.yaml (to compare on --resume); a damaged file is a UserError."""
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        # e.g. a !!python/object tag, which safe_load refuses (raft-diffusion never writes one)
-        problem = (getattr(e, "problem", None) or type(e).__name__).replace("tag:yaml.org,2002:", "!!")
-        raise UserError("output_dir", f"cannot read {path}: {problem}",
-                        "restore the run's config.yaml, or start over with --overwrite") from None
+    # e.g. a !!python/object tag, which the safe reader refuses (raft-diffusion never writes one)
+    return read_yaml_file(path, "output_dir", "restore the run's config.yaml, or start over with --overwrite")
 
 
 def config_to_yaml(config: RunConfig) -> str:

@@ -19,3 +19,12 @@ class UserError(Exception):
 
 class RunFailed(Exception):
     """A run stopped because its training or rewards failed. The message names the likely cause."""
+
+
+def printable(line: str) -> str:
+    """`line` with control and format characters escaped (a file name's terminal escape sequence,
+    a prompt's right-to-left override), so a line shows what it names and nothing else."""
+    import unicodedata
+
+    return "".join(c if c == " " or unicodedata.category(c)[0] not in "CZ" else c.encode("unicode_escape").decode()
+                   for c in line)

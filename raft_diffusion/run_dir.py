@@ -29,7 +29,7 @@ from typing import Any
 
 from .checkpoint import CHECKPOINT_FILES, write_text_atomically, writing
 from .config import read_saved_config
-from .errors import UserError
+from .errors import UserError, printable
 
 try:
     import fcntl
@@ -288,7 +288,8 @@ class RunDirectory:
         if kept:
             shown = ", ".join(str(p.relative_to(self.path)) for p in kept[:3])
             more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
-            print(f"note: kept {len(kept)} file(s) in {self.path} that no run writes: {shown}{more}", file=sys.stderr)
+            print(printable(f"note: kept {len(kept)} file(s) in {self.path} that no run writes: {shown}{more}"),
+                  file=sys.stderr)
         write_text_atomically(self.path / "config.yaml", config_yaml)
         if mode != "resume" or not (self.path / "run.json").exists():
             from . import __version__
