@@ -7,6 +7,10 @@ pre-trained experts (e.g., LLaMA, ChatGPT, or even human)" (Dong et al. 2023, se
 - `{samples: DIR, per_prompt: N}`: a folder whose `samples.jsonl` has `{prompt, file}` rows (images
   of the run's resolution) or `{prompt, text}` rows. Each iteration, the rows of each of its prompts
   are drawn without replacement with the run's seed (up to N; a prompt without rows gets none).
+  Every `file` must lie inside the folder after symlinks (`files.inside`) and decode fully and
+  safely (`files.read_image`, as `score` decodes it); a folder is checked whole before the run
+  claims its directory, and its content's hash goes into every checkpoint (`--resume` refuses a
+  folder that changed since).
 
 Each prompt's group holds the policy's K candidates and then each expert's: the same rewards score
 them and the same selection ranks them. The backend makes them trainable (`Backend.adopt`): the
@@ -16,6 +20,7 @@ diffusion backend encodes expert images with its VAE (the only place the loop en
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ import torch
 
 from .config import ExpertConfig, RunConfig
 from .errors import UserError
+from .files import inside, read_image
 from .paths import ASSETS
 
 POLICY = "policy"
@@ -70,8 +76,16 @@ class SampleFolder:
         key = "file" if kind == "image" else "text"
         other = "text" if kind == "image" else "file"
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.index, self.resolution = index, resolution
         try:
-            text = index.read_text(encoding="utf-8-sig")
+            data = index.read_bytes()
+        except OSError as e:
+            raise UserError(field, f"cannot read {index}: {e.strerror or e}", "make it readable") from None
+        # The folder's content, as the run read it: samples.jsonl's bytes, then each picture's name and
+        # bytes (`fingerprint`, recorded in every checkpoint: a folder edited between resumes is refused).
+        digest = hashlib.sha256(data)
+        try:
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise UserError(field, f"{index} is not UTF-8 (bad byte at offset {e.start})", "save it as UTF-8") from None
         self.field = field
@@ -90,27 +104,35 @@ class SampleFolder:
                        if other in row else f"has no {key!r} string")
                 raise UserError(field, f"{where} {why}", f"write {{\"prompt\": ..., \"{key}\": ...}}")
             if kind == "image":
-                self._check_image(row["file"], where, field, resolution)
+                digest.update(self._check_image(row["file"], where, field, resolution))
             elif not row["text"].strip():
                 raise UserError(field, f"{where} has an empty text", "remove the row, or write its text")
             self.rows.setdefault(row["prompt"], []).append({"prompt": row["prompt"], key: row[key], "line": n})
         if not self.rows:
             raise UserError(field, f"{index} has no rows", "add {prompt, file} or {prompt, text} rows")
+        self.fingerprint = digest.hexdigest()
 
-    def _check_image(self, name: str, where: str, field: str, resolution: int | None) -> None:
-        from PIL import Image, UnidentifiedImageError
+    def _path(self, name: object, where: str, field: str) -> Path:
+        """The row's file: inside the folder after symlinks (files.inside), or refused naming the row."""
+        return inside(self.directory, name, field, where)
 
-        path = self.directory / name
+    def _check_image(self, name: str, where: str, field: str, resolution: int | None) -> bytes:
+        """Refuse, naming the row, a file outside the folder, missing, or that does not decode fully and
+        safely at the run's resolution (files.read_image: bombs, truncation, huge text chunks, modes).
+        Returns what the folder's fingerprint takes of it: its name and bytes."""
+        path = self._path(name, where, field)
         if not path.is_file():
-            raise UserError(field, f"{where}: {path} is missing", "fix the row's file, relative to the folder")
+            what = "is missing" if not path.exists() else "is not a file"
+            raise UserError(field, f"{where}: {name!r} {what}", "fix the row's file, relative to the folder")
+        self._read(path, name, where, field, resolution)
+        return name.encode("utf-8") + b"\0" + path.read_bytes() + b"\0"
+
+    def _read(self, path: Path, name: str, where: str, field: str, resolution: int | None) -> torch.Tensor:
         try:
-            with Image.open(path) as image:
-                size = image.size
-        except (UnidentifiedImageError, OSError):
-            raise UserError(field, f"{where}: {path} is not an image", "use PNG or JPEG files") from None
-        if resolution is not None and size != (resolution, resolution):
-            raise UserError(field, f"{where}: {name} is {size[0]}x{size[1]} and the run generates "
-                            f"{resolution}x{resolution}", "resize the samples, or set generation.resolution to match")
+            return read_image(path, field, size=(resolution, resolution) if resolution is not None else None)
+        except UserError as e:  # read_image names the path; the row says more
+            problem = e.problem[len(str(path)):].lstrip() if e.problem.startswith(str(path)) else e.problem
+            raise UserError(field, f"{where}: {name!r} {problem}", e.fix) from None
 
     def check_prompts(self, prompts: Sequence[str], field: str) -> None:
         """Refuse a folder none of whose rows would ever be drawn: rows match prompts exactly."""
@@ -127,14 +149,37 @@ class SampleFolder:
         picks = rng.permutation(len(rows))[:self.per_prompt]
         return [rows[i] for i in sorted(picks)]
 
+    def held_per_prompt(self) -> int:
+        """The most candidates it adds to one prompt's group: per_prompt, or fewer rows."""
+        return min(self.per_prompt, max(len(rows) for rows in self.rows.values()))
+
     def load(self, rows: Sequence[dict[str, Any]], kind: str) -> Any:
-        """The rows' outputs as the rewards read them: images (N, 3, H, W) in [0, 1], or texts."""
+        """The rows' outputs as the rewards read them: images (N, 3, H, W) in [0, 1], decoded as `score`
+        decodes them (files.read_image: 16-bit and float pictures keep their scale), or texts."""
         if kind == "text":
             return [r["text"] for r in rows]
-        from PIL import Image
+        images = []
+        for r in rows:
+            where = f"{self.index}:{r['line']}"
+            images.append(self._read(self._path(r["file"], where, self.field), r["file"], where, self.field,
+                                     self.resolution))
+        # (N, H, W, 3) then permuted, as ever: the VAE's convolutions give other last bits on another layout
+        return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
 
-        arrays = [np.array(Image.open(self.directory / r["file"]).convert("RGB")) for r in rows]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    def check_context(self, backend, field: str) -> None:
+        """Refuse (naming the row) an expert text that, after its prompt, does not fit the policy's
+        context: tokenized with the policy's tokenizer, as the backend trains on it."""
+        limit = backend.context_length()
+        if not limit:
+            return
+        for prompt, rows in self.rows.items():
+            n_prompt = len(backend.encode(prompt))
+            for r in rows:
+                n = n_prompt + len(backend.tokenizer(r["text"], add_special_tokens=False)["input_ids"])
+                if n > limit:
+                    raise UserError(self.field, f"{self.index}:{r['line']}: the prompt and text are {n} tokens, "
+                                    f"more than the {limit} of {field}'s context",
+                                    "shorten the text, or remove the row")
 
 
 class Experts:
@@ -164,6 +209,54 @@ class Experts:
             if self.sources[i] is None:
                 self.sources[i] = backend.load_expert(spec, f"config generation.experts.{i}.model")
         return self
+
+    def held_per_prompt(self, i: int) -> int:
+        """The most candidates expert `i` adds to a prompt's group (a folder's: no more than its rows)."""
+        source = self.sources[i]
+        return source.held_per_prompt() if isinstance(source, SampleFolder) else self.specs[i].per_prompt
+
+    def check_context(self, backend) -> None:
+        """Text runs: every folder text fits the policy's context after its prompt (needs the loaded
+        policy's tokenizer: called once the backend is built, before the run writes anything)."""
+        if self.kind != "text":
+            return
+        for source in self.sources:
+            if isinstance(source, SampleFolder):
+                source.check_context(backend, "the policy model")
+
+    @property
+    def fingerprint(self) -> dict[str, dict[str, str]]:
+        """Each sample folder's content hash, by expert index: what the checkpoints record."""
+        return {str(i): {"samples": spec.samples, "sha256": source.fingerprint}
+                for i, (spec, source) in enumerate(zip(self.specs, self.sources)) if isinstance(source, SampleFolder)}
+
+    def check_unchanged(self, checkpoints: Path) -> None:
+        """On --resume: refuse a sample folder whose content differs from the one the checkpoints were
+        made with (the first readable state.json decides; one without the record, of an older run, is
+        taken as it is)."""
+        from .checkpoint import candidates
+
+        _, found = candidates(checkpoints)
+        for path in found:
+            try:
+                state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # the resume itself falls back past it, or says why
+            if not isinstance(state, dict):
+                continue
+            recorded = state.get("experts")
+            if not isinstance(recorded, dict):
+                return
+            for i, now in self.fingerprint.items():
+                then = recorded.get(i)
+                if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
+                    folder = self.sources[int(i)].directory
+                    raise UserError(f"config generation.experts.{i}.samples",
+                                    f"{folder} changed since checkpoint {path.name} was made (its samples.jsonl "
+                                    "or pictures differ), so resuming would not continue the same run",
+                                    "restore the folder as it was, or start a new run (another --output-dir, "
+                                    "or --overwrite)")
+            return
 
     @property
     def labels(self) -> list[str]:

@@ -62,6 +62,8 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
             state, start = loaded, loaded.pop("iteration") + 1
             if main:
                 log(f"resumed from {checkpoint} at iteration {start}")
+    if experts is not None and experts.fingerprint:  # the sample folders' content, in every checkpoint:
+        state["experts"] = experts.fingerprint  # a resume with a changed folder is refused (train.py)
     if main:
         run.keep_metrics_before(start, warn=log)
     with sampler(ema):

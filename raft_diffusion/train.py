@@ -48,7 +48,15 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     if config.selection.strategy == "per_prompt" and config.selection.top > group:
         raise UserError("config selection.top", f"{config.selection.top} exceeds the {group} candidates of a prompt",
                         "keep top <= generation.samples_per_prompt (plus the experts' per_prompt)")
-    check_memory(config, len(eval_prompts))
+    experts = None
+    if config.generation.experts:
+        from .experts import Experts
+
+        # Folders read and checked (every row's file inside its folder, every picture decoded), model
+        # paths too: before any model loads, before the run's directory is claimed.
+        experts = Experts(config, search)
+        experts.check_prompts(train_prompts, "prompts.train")
+    check_memory(config, len(eval_prompts), experts)
     check_launcher(config.training.mixed_precision)
     check_processes(config, len(eval_prompts))
     trackers.check_installed(config)
@@ -57,15 +65,12 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     main = os.environ.get("RANK", "0") == "0"  # other ranks of a multi-process run only read it
     mode = run.claim(yaml.safe_load(config_yaml), resume, overwrite, replaces) if main else "resume"
     try:
-        experts = None
-        if config.generation.experts:
-            from .experts import Experts
-
-            experts = Experts(config, search)  # folders read and checked, model paths too: before any model loads
-            experts.check_prompts(train_prompts, "prompts.train")
+        if experts is not None and mode == "resume" and resume:
+            experts.check_unchanged(run.checkpoints)  # the folders the checkpoints were made with
         accelerator, backend, reward, judges = _build(config)
         if experts is not None:
             experts.load(backend)
+            experts.check_context(backend)  # texts against the policy's context: its tokenizer is loaded now
         reward.check_prompts(train_prompts, "config prompts.train")
         reward.check_prompts(eval_prompts, "config prompts.eval")
         judges.check_prompts(eval_prompts, "config prompts.eval")
@@ -92,20 +97,42 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
         run.close()
 
 
-def check_memory(config: RunConfig, n_eval_prompts: int) -> None:
-    """Refuse, before anything is written, an iteration whose kept samples cannot fit in memory."""
+def check_memory(config: RunConfig, n_eval_prompts: int, experts=None) -> None:
+    """Refuse, before anything is written, a run whose samples cannot fit in memory.
+
+    What is counted is what the run holds at once: an iteration's candidates from every source (the
+    policy's samples_per_prompt and each expert's per_prompt, a folder's no more than its rows, times
+    prompts_per_iteration), plus, when it evaluates (eval.every > 0), an evaluation's samples; the
+    refusal names the field of the largest share."""
     if config.backend != "diffusion":
         return
     gen = config.generation
-    n = max(config.raft.prompts_per_iteration * gen.samples_per_prompt, n_eval_prompts * config.eval.samples_per_prompt)
-    # Decoded float32 images plus latents (at most 4 channels at 1/64 the pixels): what an iteration keeps.
+    b, K = config.raft.prompts_per_iteration, gen.samples_per_prompt
+    policy = "raft.prompts_per_iteration" if b > K else "generation.samples_per_prompt"
+    shares = [(policy, b * K, f"{b} x {K} of the policy")]
+    for i, spec in enumerate(gen.experts):
+        held = experts.held_per_prompt(i) if experts is not None else spec.per_prompt
+        shares.append((f"generation.experts.{i}.per_prompt", b * held, f"{b} x {held} of expert {i}"))
+    if config.eval.every:
+        n_eval = n_eval_prompts * config.eval.samples_per_prompt
+        shares.append(("eval.samples_per_prompt", n_eval,
+                       f"{n_eval_prompts} x {config.eval.samples_per_prompt} of an evaluation"))
+    n = sum(share[1] for share in shares)
+    # Decoded float32 images plus latents (at most 4 channels at 1/64 the pixels): what a sample holds.
     need = n * (3 * gen.resolution ** 2 + 4 * gen.resolution ** 2 // 64) * 4
     available = _memory_bytes()
     if available and need > available // 2:
-        field = ("generation.resolution" if gen.resolution > 1024 else "raft.prompts_per_iteration")
-        raise UserError(f"config {field}", f"an iteration keeps {n} samples at {gen.resolution} px, about "
-                        f"{need / 2**30:.1f} GiB, more than half of this machine's {available / 2**30:.0f} GiB",
-                        "lower generation.resolution, raft.prompts_per_iteration or generation.samples_per_prompt")
+        field, _, _ = max(shares, key=lambda share: share[1])
+        if gen.resolution > 1024:
+            field = "generation.resolution"
+        parts = " + ".join(share[2] for share in shares if share[1])
+        fix = {"eval.samples_per_prompt": "lower eval.samples_per_prompt, give fewer prompts.eval, "
+                                          "or set eval.every: 0",
+               "generation.resolution": "lower generation.resolution",
+               "raft.prompts_per_iteration": "lower raft.prompts_per_iteration"}.get(
+            field, f"lower {field} or raft.prompts_per_iteration")
+        raise UserError(f"config {field}", f"the run holds {n} samples at {gen.resolution} px ({parts}), about "
+                        f"{need / 2**30:.1f} GiB, more than half of this machine's {available / 2**30:.0f} GiB", fix)
 
 
 def check_processes(config: RunConfig, n_eval_prompts: int) -> None:

@@ -320,6 +320,15 @@ class TextBackend:
     def load_expert(self, spec, field: str) -> TextExpert:
         return TextExpert(spec, self.config, self.device, field)
 
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and response together) the policy attends to, if its config says."""
+        config = self._peft().config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
     def adopt(self, prompts: list[str], seeds: list, texts: list[str]) -> Samples:
         """Expert texts as candidates the LoRA trains on: tokenized with the policy's tokenizer (no
         special tokens added), after the prompt's own ids."""
