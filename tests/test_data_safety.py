@@ -7,6 +7,7 @@ files, two runs in one directory, non-finite training, corrupt checkpoints, fail
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -402,14 +403,17 @@ def test_interrupted_run_says_how_to_resume(tmp_path):
                      raft={"iterations": 3})
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAFT_TEST_SLOW_REWARD": "2"}
+    # A shell starts a background job with SIGINT ignored, and the child would inherit that (a suite
+    # run as `make test &`): the run gets Ctrl-C's default, as in a terminal.
     proc = subprocess.Popen([sys.executable, "-m", "raft_diffusion", "train", str(config), "--output-dir", str(run)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = run / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.is_file():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(2)  # Ctrl-C
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
     assert proc.wait(timeout=120) == 130
     assert "--resume" in proc.stderr.read()
     assert main(["train", str(config), "--output-dir", str(run), "--resume"]) == 0  # in this process
