@@ -510,6 +510,22 @@ def report(
     print(write(run_dir, warn=lambda line: print(_printable(line), file=sys.stderr)))
 
 
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run directory (or its final/, with --model)."),
+    format_: str = typer.Option(..., "--format", help="diffusers or peft (the run's LoRA file), or merged "
+                                "(the base model with the LoRA fused in)."),
+    out: Path = typer.Option(..., "--out", help="Where to write it (a new path)."),
+    scale: float = typer.Option(1.0, "--scale", help="merged: the LoRA's strength when fused."),
+    model: Optional[str] = typer.Option(None, "--model", help="The base model (default: the run's model.path)."),
+) -> None:
+    """Write a run's LoRA in the form another program loads."""
+    from .export import export as write
+
+    _quiet_libraries()
+    print(write(source, format_, out, scale, model))
+
+
 @app.command("config-help")
 def config_help() -> None:
     """List every config field with its default and one line of help."""

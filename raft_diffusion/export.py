@@ -1,0 +1,130 @@
+"""`raft-diffusion export`: a run's LoRA in the form another program loads.
+
+- `diffusers` (diffusion runs): `pytorch_lora_weights.safetensors`, as `final/` holds it, for
+  `pipe.load_lora_weights(OUT)`.
+- `peft` (text runs): the PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`), for
+  `PeftModel.from_pretrained` and vLLM's LoRA loading.
+- `merged`: the base model with the LoRA fused in at `--scale`, as a directory: a diffusers
+  pipeline (`save_pretrained`; `DiffusionPipeline.from_pretrained(OUT)`), or a transformers model
+  and its tokenizer (what vLLM, llama.cpp's converter and transformers load).
+
+The output is written under a temporary name and renamed into place, and an existing `--out` is
+refused: an export never replaces a file.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import write_dir_atomically
+from .errors import UserError
+
+FORMATS = ("diffusers", "peft", "merged")
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+@dataclass
+class Source:
+    backend: str  # "diffusion" or "text"
+    final: Path  # the directory holding the LoRA
+    model: str | None  # the base model's path (the run's model.path, or --model)
+    gguf_file: str | None = None
+
+
+def read_source(source: Path, model: str | None) -> Source:
+    """A run directory (its config says the backend and base model), or a LoRA directory such as
+    a run's final/ (the files say the backend; the base model comes from `model`)."""
+    from .config import read_saved_config
+
+    source = Path(source)
+    if not source.is_dir():
+        raise UserError("SOURCE", f"{source} is not a directory", "pass a run directory or its final/")
+    if (source / "config.yaml").is_file() and (source / "run.json").is_file():
+        saved = read_saved_config(source / "config.yaml")
+        saved_model = saved.get("model") if isinstance(saved, dict) else None
+        if not isinstance(saved_model, dict) or not isinstance(saved.get("backend", "diffusion"), str):
+            raise UserError("SOURCE", f"{source / 'config.yaml'} names no model", "pass --model")
+        final = source / "final"
+        backend = saved.get("backend", "diffusion")
+        gguf = saved_model.get("gguf_file")
+        model = model if model is not None else saved_model.get("path")
+    else:
+        final, gguf = source, None
+        backend = "text" if (source / "adapter_config.json").is_file() else "diffusion"
+    wanted = DIFFUSERS_LORA if backend == "diffusion" else PEFT_FILES[0]
+    if not (final / wanted).is_file():
+        raise UserError("SOURCE", f"no {wanted} in {final}", "pass a finished run's directory or its final/")
+    return Source(backend, final, model, gguf)
+
+
+def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | None = None) -> Path:
+    """Write the LoRA of `source` in format `fmt` at `out`; returns `out`."""
+    if fmt not in FORMATS:
+        raise UserError("--format", f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    if not math.isfinite(scale):
+        raise UserError("--scale", f"{scale} is not a finite number", "use e.g. 1 (the LoRA as trained) or 0.5")
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise UserError("--out", f"{out} already exists", "choose a new path: export never replaces files")
+    if not out.parent.is_dir():
+        raise UserError("--out", f"{out.parent} is not a directory", "create it first, or choose another --out")
+    src = read_source(source, model)
+    kind = {"diffusion": "diffusers", "text": "peft"}[src.backend]
+    if fmt in ("diffusers", "peft") and fmt != kind:
+        raise UserError("--format", f"{fmt} is not a format of a {src.backend} run's LoRA",
+                        f"use {kind} or merged")
+    if fmt != "merged" and scale != 1.0:
+        raise UserError("--scale", f"{scale} applies only to --format merged",
+                        "leave it out: a LoRA file is scaled where it is loaded")
+    if fmt == "merged" and src.model is None:
+        raise UserError("--model", "the base model is not known from a LoRA directory alone",
+                        "pass --model (hub id, local directory or single file), or the run directory")
+    if fmt == "diffusers":
+        write_dir_atomically(out, lambda tmp: shutil.copy2(src.final / DIFFUSERS_LORA, tmp / DIFFUSERS_LORA))
+    elif fmt == "peft":
+        write_dir_atomically(out, lambda tmp: [shutil.copy2(src.final / name, tmp / name) for name in PEFT_FILES])
+    elif src.backend == "diffusion":
+        _merged_pipeline(src, out, scale)
+    else:
+        _merged_causal_lm(src, out, scale)
+    return out
+
+
+def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
+    from .backends.diffusion import load_lora, load_pipeline
+
+    pipe = load_pipeline(src.model, field="--model")
+    load_lora(pipe, src.final, "SOURCE")
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    write_dir_atomically(out, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
+
+
+def _merged_causal_lm(src: Source, out: Path, scale: float) -> None:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from .backends.text import load_causal_lm
+
+    base, tokenizer = load_causal_lm(src.model, src.gguf_file, field="--model")
+    try:
+        tuned = PeftModel.from_pretrained(base, str(src.final))
+    except Exception as e:  # noqa: BLE001 - an adapter of another model ends here
+        raise UserError("SOURCE", f"the adapter in {src.final} does not fit {src.model}: "
+                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
+                        "pass the base model it was trained on with --model") from None
+    if scale != 1.0:
+        for module in tuned.modules():
+            if isinstance(module, LoraLayer):
+                module.scaling = {name: value * scale for name, value in module.scaling.items()}
+    merged = tuned.merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    write_dir_atomically(out, write)
