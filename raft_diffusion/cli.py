@@ -254,7 +254,8 @@ def generate(
     model: str = typer.Option(..., "--model", help="Hub id, local dir, single file or builtin:NAME."),
     prompt: str = typer.Option(..., "--prompt", help="Text prompt."),
     out: Path = typer.Option(..., "--out", help="Directory for the PNG files."),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="Directory with pytorch_lora_weights.safetensors."),
+    lora: Optional[Path] = typer.Option(None, "--lora", help="A run's final/ directory, or one LoRA .safetensors "
+                                        "file (diffusers' names or kohya's, e.g. final/lora_kohya.safetensors)."),
     n: int = typer.Option(4, "-n", help="Number of images."),
     resolution: Optional[int] = typer.Option(
         None, "--resolution", help="Image side in pixels (default: the model's own, e.g. 64 for builtin:toy-shapes)."),
@@ -278,10 +279,11 @@ def generate(
     _check_generate_seed_and_out(seed, n, out)
     if resolution is not None:
         _check_generate_memory(n, resolution)  # before anything of size -n is made (100000000 would hang)
-    if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
+    lora_file = None if lora is None else lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
+    if lora is not None and not lora_file.is_file():
         raise UserError("--lora", f"no pytorch_lora_weights.safetensors in {lora}", "pass a run's final/ directory")
     if lora is not None:
-        _check_lora_finite(lora / "pytorch_lora_weights.safetensors")
+        _check_lora_finite(lora_file)
     taken = _taken_names(out, seed, n)
     if taken:
         raise UserError("--out", f"{taken[0]} exists", "choose another --out or --seed")

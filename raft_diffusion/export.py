@@ -2,6 +2,8 @@
 
 - `diffusers` (diffusion runs): `pytorch_lora_weights.safetensors`, as `final/` holds it, for
   `pipe.load_lora_weights(OUT)`.
+- `kohya` (SD 1.x/2.x runs): one `.safetensors` file under kohya's names with its alpha and `ss_*`
+  metadata (`final/lora_kohya.safetensors`), for ComfyUI, Forge, AUTOMATIC1111 and kohya sd-scripts.
 - `peft` (text runs): the PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`), for
   `PeftModel.from_pretrained` and vLLM's LoRA loading.
 - `merged`: the base model with the LoRA fused in at `--scale`, as a directory: a diffusers
@@ -22,7 +24,7 @@ from pathlib import Path
 from .checkpoint import write_dir_atomically
 from .errors import UserError
 
-FORMATS = ("diffusers", "peft", "merged")
+FORMATS = ("kohya", "diffusers", "peft", "merged")
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -74,6 +76,8 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
         raise UserError("--out", f"{out.parent} is not a directory", "create it first, or choose another --out")
     src = read_source(source, model)
     kind = {"diffusion": "diffusers", "text": "peft"}[src.backend]
+    if fmt == "kohya" and src.backend != "diffusion":
+        raise UserError("--format", "kohya is a format of a diffusion run's LoRA", "use peft or merged")
     if fmt in ("diffusers", "peft") and fmt != kind:
         raise UserError("--format", f"{fmt} is not a format of a {src.backend} run's LoRA",
                         f"use {kind} or merged")
@@ -83,7 +87,9 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
     if fmt == "merged" and src.model is None:
         raise UserError("--model", "the base model is not known from a LoRA directory alone",
                         "pass --model (hub id, local directory or single file), or the run directory")
-    if fmt == "diffusers":
+    if fmt == "kohya":
+        _kohya_file(src, out)
+    elif fmt == "diffusers":
         write_dir_atomically(out, lambda tmp: shutil.copy2(src.final / DIFFUSERS_LORA, tmp / DIFFUSERS_LORA))
     elif fmt == "peft":
         write_dir_atomically(out, lambda tmp: [shutil.copy2(src.final / name, tmp / name) for name in PEFT_FILES])
@@ -92,6 +98,25 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
     else:
         _merged_causal_lm(src, out, scale)
     return out
+
+
+def _kohya_file(src: Source, out: Path) -> None:
+    from .lora_formats import KOHYA_FILE
+
+    if out.suffix != ".safetensors":
+        raise UserError("--out", f"{out} does not end in .safetensors", "name the file, e.g. --out my_lora.safetensors")
+    kohya = src.final / KOHYA_FILE
+    if not kohya.is_file():
+        raise UserError("SOURCE", f"no {KOHYA_FILE} in {src.final}",
+                        "an SD 3 run's diffusers file loads in ComfyUI as it is; an SD 1.x/2.x run made before "
+                        "final/ held this file can be re-made with --format merged, or retrained")
+    tmp = out.with_name(f".tmp-{out.name}")
+    try:
+        shutil.copyfile(kohya, tmp)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _merged_pipeline(src: Source, out: Path, scale: float) -> None:

@@ -50,7 +50,8 @@ RUN_FOLDERS = ("samples", "checkpoints", "final", "logs")  # a file in their pla
 TOP_FILES = RUN_ENTRIES - set(RUN_FOLDERS)
 CHECKPOINT_DIR = re.compile(r"iter_\d{4,}")
 # diffusers' LoRA file; PEFT's adapter and config (and the model card it writes, for text runs)
-FINAL_FILES = frozenset({"pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json"})
+FINAL_FILES = frozenset({"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "adapter_model.safetensors",
+                         "adapter_config.json"})
 SAMPLE_FILE = re.compile(r"\d{4,}\.png")  # a backend's numbered picture (write_samples), even before its row
 TRACKER_FILE = re.compile(r"events\.out\.tfevents\..*")  # TensorBoard; wandb and mlflow keep to their folders
 TRACKER_DIRS = frozenset({"wandb", "mlruns"})

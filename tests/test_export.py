@@ -68,6 +68,18 @@ def test_the_diffusers_file_is_the_runs_own(finished_run, tmp_path, capfd):
     assert (out / name).read_bytes() == (finished_run / "final" / name).read_bytes()
 
 
+def test_the_kohya_file_is_the_runs_and_loads_in_diffusers(finished_run, tmp_path, capfd):
+    from safetensors import safe_open
+
+    out = tmp_path / "my_lora.safetensors"
+    assert run_in_process(capfd, "export", str(finished_run), "--format", "kohya", "--out", str(out)).returncode == 0
+    assert out.read_bytes() == (finished_run / "final/lora_kohya.safetensors").read_bytes()
+    with safe_open(str(out), "pt") as f:
+        assert float(f.metadata()["ss_network_alpha"]) == 8 and all(k.startswith("lora_unet_") for k in f.keys())
+    wrong = run_in_process(capfd, "export", str(finished_run), "--format", "kohya", "--out", str(tmp_path / "x.pt"))
+    assert wrong.returncode == 2 and not (tmp_path / "x.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory, tiny_llama):
     folder = tmp_path_factory.mktemp("text-run")
@@ -112,13 +124,15 @@ def test_the_peft_adapter_is_the_runs_own(text_run, tmp_path, capfd):
 
 @pytest.mark.parametrize("args, field", [
     (["--format", "peft"], "--format"),  # a diffusion run's LoRA is no PEFT adapter
+    (["--format", "kohya", "--text-run"], "--format"),
     (["--format", "gguf"], "--format"),
     (["--format", "merged", "--scale", "nan"], "--scale"),
     (["--format", "diffusers", "--scale", "0.5"], "--scale"),
     (["--format", "merged", "--out-exists"], "--out"),
 ])
-def test_a_refused_export_is_one_line_and_writes_nothing(finished_run, tmp_path, capfd, args, field):
-    run = copy_run(finished_run, tmp_path / "run")
+def test_a_refused_export_is_one_line_and_writes_nothing(finished_run, text_run, tmp_path, capfd, args, field):
+    run = copy_run(text_run if "--text-run" in args else finished_run, tmp_path / "run")
+    args = [a for a in args if a != "--text-run"]
     out = tmp_path / "out"
     if "--out-exists" in args:
         args = [a for a in args if a != "--out-exists"]

@@ -202,20 +202,25 @@ def check_resolution(pipe: StableDiffusionPipeline, resolution: int, field: str)
 
 
 def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lora") -> None:
-    """The LoRA saved in `directory` attached to `pipe`'s denoiser (UNet or transformer), every layer
-    of it, or a `UserError`.
+    """The LoRA saved in `directory` (a run's final/, or one LoRA .safetensors file: diffusers' names
+    or, for SD 1.x/2.x, kohya's) attached to `pipe`'s denoiser (UNet or transformer), every layer of
+    it, or a `UserError`.
 
     `pipe.load_lora_weights` leaves the layers it cannot place unattached, with a log line at most;
     a user would then sample from part of the LoRA. Here every denoiser tensor of the file must end
     up in the loaded adapter, value for value.
     """
+    from ..lora_formats import is_kohya
+
     family = family_of(pipe)
     denoiser = getattr(pipe, family.denoiser)
-    path = Path(directory) / LORA_WEIGHTS
+    path = Path(directory) if Path(directory).is_file() else Path(directory) / LORA_WEIGHTS
     try:  # a garbage or truncated file: one line, before diffusers sees it
         state = read_tensors(path, field)
     except UserError as e:
         raise UserError(field, e.problem, "pass a run's final/ directory, as training saved it") from None
+    if family.denoiser == "unet" and is_kohya(state):
+        return _load_kohya(pipe, path, state, field)
     expected = family.lora_tensors(state)
     before = set(getattr(denoiser, "peft_config", {}))
     try:
@@ -227,7 +232,7 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
                     {f"unet.{k}": v for k, v in expected.items()}, None, pipe.unet, _pipeline=pipe,
                     metadata=_lora_metadata(path))
             else:
-                pipe.load_lora_weights(str(directory))
+                pipe.load_lora_weights(str(directory) if path.parent == Path(directory) else str(path))
     except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
         raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
                         "pass a LoRA trained on this --model") from None
@@ -240,6 +245,41 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
         raise UserError(field, f"{len(lost) or total} of {total} LoRA tensors in {path} match no layer of this "
                         f"model's {'UNet' if family.denoiser == 'unet' else family.denoiser}{example}",
                         "pass a LoRA trained on this --model")
+
+
+def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torch.Tensor], field: str) -> None:
+    """A kohya-named SD 1.x/2.x LoRA file through diffusers' own kohya loader, checked as load_lora
+    checks a diffusers file: every `lora_unet_` layer attached, its up and down weights value for value
+    and its strength (alpha / rank) the file's."""
+    from ..lora_formats import kohya_name
+
+    denoiser = pipe.unet
+    before = set(getattr(denoiser, "peft_config", {}))
+    try:
+        with _libraries_quiet():
+            pipe.load_lora_weights(str(path))
+    except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
+        raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
+                        "pass a LoRA trained on this --model") from None
+    added = [name for name in getattr(denoiser, "peft_config", {}) if name not in before]
+    attached = get_peft_model_state_dict(denoiser, adapter_name=added[0]) if added else {}
+    found: dict[str, torch.Tensor] = {}
+    for key, value in attached.items():
+        module, _, part = key.rpartition(".lora_")
+        name = kohya_name(module) + (".lora_down.weight" if part == "A.weight" else ".lora_up.weight")
+        found[name] = value
+        down = state.get(kohya_name(module) + ".lora_down.weight")
+        alpha = state.get(kohya_name(module) + ".alpha")
+        if part == "A.weight" and down is not None and alpha is not None:
+            scaling = denoiser.get_submodule(module).scaling[added[0]]
+            if not math.isclose(scaling, float(alpha) / down.shape[0], rel_tol=1e-6):
+                found[name] = None  # attached at the wrong strength
+    expected = {k: v for k, v in state.items() if k.startswith("lora_unet_") and not k.endswith(".alpha")}
+    lost = [k for k, v in expected.items() if found.get(k) is None or not torch.equal(found[k].cpu(), v)]
+    if not attached or lost:
+        example = f" (e.g. {lost[0]})" if lost else ""
+        raise UserError(field, f"{len(lost) or len(expected)} of {len(expected)} LoRA tensors in {path} match no "
+                        f"layer of this model's UNet{example}", "pass a LoRA trained on this --model")
 
 
 def _mixes_names(state: dict[str, torch.Tensor]) -> bool:
@@ -412,6 +452,7 @@ class DiffusionBackend:
         check_lora_targets(unet, targets, what, family.lora_examples)
         unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                     target_modules=targets, init_lora_weights="gaussian"))
+        family.check_client_lora(unet.peft_config["default"].to_dict())  # refused now, not at the run's end
         # A pipeline built from configs, and the LoRA layers just added, start in train mode: sampling
         # must not draw LoRA dropout (only fine-tuning switches it on, and off again).
         for part in frozen:
@@ -589,15 +630,18 @@ class DiffusionBackend:
             raise RuntimeError(f"adapter checkpoint has unexpected keys: {unexpected[:3]}")
 
     def save_adapter(self, directory: Path) -> None:
-        """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads whole, with its alpha."""
+        """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads whole, with its alpha;
+        for SD 1.x/2.x also `lora_kohya.safetensors`, the same LoRA under kohya's names (lora_formats)."""
         denoiser = self._denoiser()
         # PEFT's own names (`unet.<module>.lora_A.weight`, `transformer.<module>...`), unconverted:
         # convert_state_dict_to_diffusers renames only attention layers (to `lora.down`), and diffusers
         # reads a file in the one naming scheme of its first key, so a mixed file silently lost one
         # kind of layer (the demos' attention).
         layers = get_peft_model_state_dict(denoiser)
-        self.family.save_lora(str(directory), layers, _sorted_sets(denoiser.peft_config["default"].to_dict()))
+        config = _sorted_sets(denoiser.peft_config["default"].to_dict())
+        self.family.save_lora(str(directory), layers, config)
         canonicalize_safetensors(Path(directory) / "pytorch_lora_weights.safetensors")
+        self.family.save_client_lora(str(directory), layers, config, dict(denoiser.config), str(self.config.model.path))
 
     def training_state(self) -> dict[str, Any]:
         return training_state(self.optimizer, self.precision)

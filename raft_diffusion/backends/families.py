@@ -14,7 +14,8 @@ diffusion backend asks its family for each:
   `noise - x0`, uniform loss weighting (their `precondition_outputs` variant, which compares x0
   predictions and so weights the same error by sigma^2, is not used);
 - **LoRA save**: `unet_lora_layers` or `transformer_lora_layers`, each under its pipeline's
-  `save_lora_weights`, so that pipeline's `load_lora_weights` reads it.
+  `save_lora_weights`, so that pipeline's `load_lora_weights` reads it; SD 1.x/2.x also under
+  kohya's names (lora_formats), for ComfyUI, Forge, AUTOMATIC1111 and kohya.
 """
 
 from __future__ import annotations
@@ -88,6 +89,20 @@ class StableDiffusion:
         StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True,
                                                   unet_lora_adapter_metadata=metadata)
 
+    def save_client_lora(self, directory: str, layers: dict[str, torch.Tensor], config: dict[str, Any],
+                         denoiser_config: dict[str, Any], model_path: str) -> None:
+        """The same LoRA under kohya's names (`lora_formats.KOHYA_FILE`), which ComfyUI, Forge,
+        AUTOMATIC1111 and kohya's sd-scripts load whole (they attach nothing of the diffusers file)."""
+        from ..lora_formats import KOHYA_FILE, write_kohya
+
+        write_kohya(f"{directory}/{KOHYA_FILE}", layers, config, denoiser_config, model_path)
+
+    def check_client_lora(self, config: dict[str, Any]) -> None:
+        """Refuse, before training, a LoRA config that `save_client_lora` could not write."""
+        from ..lora_formats import check_kohya
+
+        check_kohya(config)
+
     def lora_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The file's denoiser LoRA tensors under PEFT's names, without the `unet.` prefix."""
         from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
@@ -159,6 +174,14 @@ class StableDiffusion3(StableDiffusion):
     def save_lora(self, directory: str, layers: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
         StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=layers, safe_serialization=True,
                                                    transformer_lora_adapter_metadata=metadata)
+
+    def save_client_lora(self, directory: str, layers: dict[str, torch.Tensor], config: dict[str, Any],
+                         denoiser_config: dict[str, Any], model_path: str) -> None:
+        """Nothing more: ComfyUI loads the diffusers-format SD 3 file (`transformer.` keys) whole, its
+        output matching diffusers', so no kohya file is written for SD 3."""
+
+    def check_client_lora(self, config: dict[str, Any]) -> None:
+        pass
 
     def lora_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
