@@ -299,7 +299,7 @@ def _check_rng_tensors(path: Path, tensors: dict[str, torch.Tensor], processes: 
 
 
 def _non_finite(value: Any) -> bool:
-    """Whether a (nested) optimizer state holds a NaN or infinity."""
+    """Whether tensors (a nested optimizer state, a dict of weights) hold a NaN or infinity."""
     if isinstance(value, torch.Tensor):
         return value.is_floating_point() and not bool(torch.isfinite(value).all())
     if isinstance(value, float):
@@ -334,7 +334,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     state = parts["state.json"]
     _check_state(path, state)
     for name in ("adapter.safetensors", "ema.safetensors"):
-        if name in parts and any(not torch.isfinite(t).all() for t in parts[name].values() if t.is_floating_point()):
+        if name in parts and _non_finite(parts[name]):
             raise CorruptCheckpoint(path / name, "holds non-finite weights")
     training = parts["training_state.pt"]
     optimizer = training.get("optimizer") if isinstance(training, dict) else None

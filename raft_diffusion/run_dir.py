@@ -412,18 +412,16 @@ def _remove_empty_dirs(folder: Path) -> None:
 
 
 def _rescue(leftover: Path, run: Path) -> None:
-    """Before a killed atomic replace's `.old-NAME-PID` folder goes: move back into NAME the files
-    of it that no run writes (a user's file in final/ survives a kill mid-replace)."""
-    if not leftover.name.startswith(".old-") or not leftover.is_dir():
+    """Before a killed atomic replace of final/ leaves `.old-final-PID` to be removed: move back into
+    final/ the files of it that no run writes (a user's file there survives a kill mid-replace)."""
+    target = run / "final"
+    if leftover.parent != run or not leftover.name.startswith(".old-final-") or not leftover.is_dir() \
+            or not target.is_dir():
         return
-    name = leftover.name[len(".old-"):].rsplit("-", 1)[0]
-    target = leftover.parent / name
-    folder = "final" if leftover.parent == run and name == "final" else None
-    if folder is None or not target.is_dir():
-        return
+    text_run = _saved_backend(run / "config.yaml") == "text"
     for path in _files_under(leftover):
         rel = path.relative_to(leftover)
-        if not _written_in(folder, rel, text_run=_saved_backend(run / "config.yaml") == "text"):
+        if not _written_in("final", rel, text_run):
             destination = target / rel
             if not destination.exists():
                 destination.parent.mkdir(parents=True, exist_ok=True)

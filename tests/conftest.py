@@ -71,6 +71,23 @@ def tiny_config(tmp_path):
     return make
 
 
+def one_error_line(err: str) -> str:
+    """The one `error: ` line of a command's stderr (asserting there is exactly one and no traceback)."""
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def metrics_without_seconds(run: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl records without their timings: what two equal runs must share."""
+    import json
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("seconds")
+    return records
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     import yaml
 

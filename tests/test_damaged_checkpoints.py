@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from raft_diffusion.cli import main
 
 from .conftest import FINISHED_RUN, TINY_CONFIG, copy_run, deep_update, write_yaml
+from .conftest import metrics_without_seconds as _metrics
 
 # EMA on, so that a checkpoint holds all five files; eval off to keep it quick.
 EMA_RUN = deep_update(TINY_CONFIG, {"training": {"ema_decay": 0.9}, "eval": {"every": 0},
@@ -31,13 +32,6 @@ def ema_run(tmp_path_factory) -> Path:
     config = write_yaml(root / "config.yaml", EMA_RUN)
     assert main(["train", str(config), "--output-dir", str(root / "run")]) == 0
     return root / "run"
-
-
-def _metrics(run: Path) -> list[dict]:
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from raft_diffusion.cli import main
 
 from .conftest import REPO, TINY_CONFIG, deep_update, write_yaml
+from .conftest import metrics_without_seconds as _metrics
+from .conftest import one_error_line as _one_error_line
 
 QUICK = deep_update(TINY_CONFIG, {"raft": {"iterations": 1}, "eval": {"every": 0}})
 
@@ -29,19 +31,6 @@ def _tree(root: Path) -> list[str]:
 
 def _config(tmp_path, **overrides) -> Path:
     return write_yaml(tmp_path / "config.yaml", deep_update(QUICK, overrides))
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def _metrics(run: Path) -> list[dict]:
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
 
 
 # --- 1. output directories: only a run's own files are ever removed ------------------------------

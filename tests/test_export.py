@@ -9,12 +9,7 @@ import torch
 from raft_diffusion.cli import main
 
 from .conftest import TEXT_CONFIG, copy_run, deep_update, run_in_process, write_yaml
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from .conftest import one_error_line as _one_error_line
 
 
 def _images(pipe) -> torch.Tensor:

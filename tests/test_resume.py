@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from raft_diffusion.cli import main
 
 from .conftest import REPO, TINY_CONFIG, deep_update, write_yaml
+from .conftest import metrics_without_seconds as _metrics
 
 CONFIG = deep_update(TINY_CONFIG, {
     "rewards": [{"name": "python:tests.rewards_for_tests:slow_jpeg"}],
@@ -28,13 +29,6 @@ CONFIG = deep_update(TINY_CONFIG, {
     "training": {"learning_rate": 5e-3, "epochs": 2, "batch_size": 1, "gradient_accumulation_steps": 2},
     "eval": {"every": 1, "samples_per_prompt": 1},
 })
-
-
-def _metrics(run: Path) -> list[dict]:
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
 
 
 # Every objective, with the EMA sampler where it has one: the EMA, the optimizer and the RNGs all

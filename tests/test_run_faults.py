@@ -17,23 +17,10 @@ import pytest
 from raft_diffusion.cli import main
 
 from .conftest import FINISHED_RUN, REPO, TINY_CONFIG, copy_run, deep_update, write_yaml
+from .conftest import metrics_without_seconds as _records
+from .conftest import one_error_line as _one_error_line
 
 RUN = deep_update(TINY_CONFIG, {"raft": {"iterations": 3}})
-
-
-def _one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def _records(run: Path) -> list[dict]:
-    import json
-
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
 
 
 def _result(run: Path) -> tuple[list[dict], bytes]:

@@ -18,6 +18,8 @@ from raft_diffusion.backends.text import (
 )
 from raft_diffusion.train import run_training
 
+from .conftest import metrics_without_seconds as _records
+
 PROMPTS = ["I watched this film on a rainy Sunday afternoon.", "This western is set in a border town."]
 
 
@@ -145,13 +147,6 @@ def test_saved_adapter_loads_in_peft_and_gives_the_same_logits(backend, text_con
     ours, theirs = b.adapter_state(), get_peft_model_state_dict(loaded)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ours.items() if "lora_B" in k)  # it trained
-
-
-def _records(run: Path) -> list[dict]:
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        r.pop("seconds")
-    return records
 
 
 def test_text_run_writes_texts_metrics_and_resumes_exactly(text_config, tmp_path):
