@@ -6,9 +6,11 @@
   metadata (`final/lora_kohya.safetensors`), for ComfyUI, Forge, AUTOMATIC1111 and kohya sd-scripts.
 - `peft` (text runs): the PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`), for
   `PeftModel.from_pretrained` and vLLM's LoRA loading.
-- `merged`: the base model with the LoRA fused in at `--scale`, as a directory: a diffusers
-  pipeline (`save_pretrained`; `DiffusionPipeline.from_pretrained(OUT)`), or a transformers model
-  and its tokenizer (what vLLM, llama.cpp's converter and transformers load).
+- `merged`: the base model with the LoRA fused in at `--scale`. `--out NAME.safetensors` (SD 1.x/2.x):
+  one checkpoint in the original LDM layout, the file AUTOMATIC1111, Forge and ComfyUI load as a
+  model (`StableDiffusionPipeline.from_single_file`; ldm_layout.py). Any other `--out`: a directory,
+  a diffusers pipeline (`save_pretrained`; `DiffusionPipeline.from_pretrained(OUT)`), or a
+  transformers model and its tokenizer (what vLLM, llama.cpp's converter and transformers load).
 
 The output is written under a temporary name and renamed into place, and an existing `--out` is
 refused: an export never replaces a file.
@@ -84,6 +86,8 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
     if fmt != "merged" and scale != 1.0:
         raise UserError("--scale", f"{scale} applies only to --format merged",
                         "leave it out: a LoRA file is scaled where it is loaded")
+    if fmt == "merged" and out.suffix == ".safetensors" and src.backend != "diffusion":
+        raise UserError("--out", "a merged text model is a directory", "name a directory, e.g. --out merged-model")
     if fmt == "merged" and src.model is None:
         raise UserError("--model", "the base model is not known from a LoRA directory alone",
                         "pass --model (hub id, local directory or single file), or the run directory")
@@ -120,13 +124,36 @@ def _kohya_file(src: Source, out: Path) -> None:
 
 
 def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
+    from diffusers import StableDiffusionPipeline
+
     from .backends.diffusion import load_lora, load_pipeline
 
     pipe = load_pipeline(src.model, field="--model")
+    single = out.suffix == ".safetensors"
+    if single and not isinstance(pipe, StableDiffusionPipeline):
+        raise UserError("--out", f"a merged {type(pipe).__name__} has no single-file layout here",
+                        "name a directory (a diffusers pipeline), e.g. --out merged-model")
     load_lora(pipe, src.final, "SOURCE")
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
-    write_dir_atomically(out, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
+    if not single:
+        write_dir_atomically(out, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True))
+        return
+    from safetensors.torch import save_file
+
+    from .ldm_layout import pipeline_to_ldm
+
+    state = pipeline_to_ldm(pipe)  # every tensor named before a byte is written
+    tmp = out.with_name(f".tmp-{out.name}")
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt", "modelspec.architecture":
+                                             "stable-diffusion-v2" if "cond_stage_model.model.token_embedding.weight"
+                                             in state else "stable-diffusion-v1",
+                                             "raft_diffusion.lora_scale": repr(scale)})
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _merged_causal_lm(src: Source, out: Path, scale: float) -> None:

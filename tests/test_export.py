@@ -54,6 +54,51 @@ def test_merged_at_scale_0_is_the_base_model(finished_run, tmp_path, capfd):
         assert torch.equal(a, b), name
 
 
+def test_merged_single_file_loads_with_from_single_file_and_gives_the_lora_pipelines_images(
+        finished_run, tmp_path, capfd):
+    """The file A1111, Forge and ComfyUI load as a model: LDM names only, read back by diffusers'
+    own LDM reader into the fused pipeline, tensor for tensor, and sampling what base + LoRA sample."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+
+    out = tmp_path / "merged.safetensors"
+    result = run_in_process(capfd, "export", str(finished_run), "--format", "merged", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v1"
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
+    assert all(k.startswith(prefixes) for k in keys)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    base = load_pipeline("builtin:tiny-sd")
+    base.set_progress_bar_config(disable=True)
+    base.save_pretrained(str(tmp_path / "config"))  # the configs from_single_file reads offline
+    single = StableDiffusionPipeline.from_single_file(str(out), config=str(tmp_path / "config"),
+                                                      local_files_only=True, safety_checker=None,
+                                                      requires_safety_checker=False)
+    single.set_progress_bar_config(disable=True)
+    directory = tmp_path / "merged-dir"
+    assert run_in_process(capfd, "export", str(finished_run), "--format", "merged", "--out",
+                          str(directory)).returncode == 0
+    fused = StableDiffusionPipeline.from_pretrained(str(directory), safety_checker=None)
+    count = 0
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(single, part).state_dict(), getattr(fused, part).state_dict()
+        assert a.keys() == b.keys(), part
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{part}.{name}"
+        count += len(a)
+    assert count == len(keys)  # every tensor in the file has a place, and every place a tensor
+    with_lora = load_pipeline("builtin:tiny-sd")
+    load_lora(with_lora, finished_run / "final")
+    with_lora.set_progress_bar_config(disable=True)
+    image, expected, plain = _images(single), _images(with_lora), _images(base)
+    torch.testing.assert_close(image, expected, atol=2e-3, rtol=0)
+    assert (image - plain).abs().max() > 10 * (image - expected).abs().max()
+
+
 def test_the_diffusers_file_is_the_runs_own(finished_run, tmp_path, capfd):
     out = tmp_path / "lora"
     assert run_in_process(capfd, "export", str(finished_run / "final"), "--format", "diffusers",
@@ -124,11 +169,13 @@ def test_the_peft_adapter_is_the_runs_own(text_run, tmp_path, capfd):
     (["--format", "merged", "--scale", "nan"], "--scale"),
     (["--format", "diffusers", "--scale", "0.5"], "--scale"),
     (["--format", "merged", "--out-exists"], "--out"),
+    (["--format", "merged", "--text-run", "--out-file"], "--out"),  # a merged text model is a directory
 ])
 def test_a_refused_export_is_one_line_and_writes_nothing(finished_run, text_run, tmp_path, capfd, args, field):
     run = copy_run(text_run if "--text-run" in args else finished_run, tmp_path / "run")
     args = [a for a in args if a != "--text-run"]
-    out = tmp_path / "out"
+    out = tmp_path / ("out.safetensors" if "--out-file" in args else "out")
+    args = [a for a in args if a != "--out-file"]
     if "--out-exists" in args:
         args = [a for a in args if a != "--out-exists"]
         out.write_text("mine")

@@ -1,0 +1,158 @@
+"""An SD 1.x/2.x diffusers pipeline as one single-file checkpoint in the original (LDM) layout.
+
+AUTOMATIC1111, Forge and ComfyUI load a model as one `.safetensors` file with the key names of
+CompVis' latent-diffusion code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.*` (the text encoder: `transformer.text_model.*` for SD 1.x's CLIP ViT-L,
+`model.*` in OpenCLIP's layout for SD 2.x). diffusers reads that layout
+(`from_single_file`, `loaders/single_file_utils.py`) but writes only its own, so this module is the
+reverse of its reading: every tensor of the pipeline gets exactly one LDM name, and a tensor with
+no place in the layout (an SDXL add-embedding, a class embedding) is refused, never dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+
+_UNET_DIRECT = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+_VAE_ATTENTION = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+
+
+def _resnet(rest: str) -> str:
+    for ours, theirs in _RESNET:
+        if rest.startswith(ours + "."):
+            return theirs + rest[len(ours):]
+    return rest
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A UNet2DConditionModel's state dict under LDM's `input_blocks` / `middle_block` / `output_blocks`."""
+    per = config.get("layers_per_block")
+    if not isinstance(per, int):
+        raise UserError("--format", f"a UNet with layers_per_block {per!r} has no single-file layout",
+                        "export --format merged to a directory instead")
+    attention_up = {int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        name = None
+        if module in _UNET_DIRECT:
+            name = f"{_UNET_DIRECT[module]}.{leaf}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            index = 1 + block * (per + 1) + j
+            name = f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            name = f"input_blocks.{1 + int(m.group(1)) * (per + 1) + per}.0.op.{m.group(2)}"
+        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+            name = f"middle_block.{2 * int(m.group(1))}.{_resnet(m.group(2))}"
+        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+            name = f"middle_block.1.{m.group(1)}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            index = block * (per + 1) + j
+            name = f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            block = int(m.group(1))
+            name = f"output_blocks.{block * (per + 1) + per}.{2 if block in attention_up else 1}.conv.{m.group(2)}"
+        if name is None:
+            raise UserError("--format", f"the UNet's {key} has no place in the SD 1.x/2.x single-file layout",
+                            "export --format merged to a directory instead")
+        out[UNET + name] = value
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An AutoencoderKL's state dict under LDM's `encoder.down.N.block` / `decoder.up.N` / `mid.attn_1` names."""
+    blocks = len(config["up_block_types"])
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = None
+        if key.split(".")[0] in ("quant_conv", "post_quant_conv") or re.fullmatch(r"(en|de)coder\.conv_(in|out)\.\w+", key):
+            name = key
+        elif m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(\w+)", key):
+            name = f"{m.group(1)}.norm_out.{m.group(2)}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            name = f"encoder.down.{m.group(1)}.block.{m.group(2)}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
+            name = f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            up = blocks - 1 - int(m.group(1))  # LDM counts the decoder's blocks from the latent side's end
+            name = f"decoder.up.{up}.block.{m.group(2)}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(\w+)", key):
+            name = f"decoder.up.{blocks - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            name = f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3).replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(\w+)", key):
+            part = dict(_VAE_ATTENTION).get(m.group(2))
+            if part is not None:
+                name = f"{m.group(1)}.mid.attn_1.{part}.{m.group(3)}"
+                if value.ndim == 2:  # LDM's attention projections are 1x1 convolutions
+                    value = value[:, :, None, None]
+        if name is None:
+            raise UserError("--format", f"the VAE's {key} has no place in the SD 1.x/2.x single-file layout",
+                            "export --format merged to a directory instead")
+        out[VAE + name] = value
+    return out
+
+
+def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 1.x: the transformers CLIPTextModel under `cond_stage_model.transformer.text_model.`."""
+    return {CLIP + (k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in state.items()
+            if not k.endswith("position_ids")}
+
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 2.x: the CLIPTextModel in OpenCLIP's layout under `cond_stage_model.model.` (q, k and v fused
+    into `in_proj`). diffusers' SD 2 text encoder holds 23 of OpenCLIP's 24 layers, the ones SD 2 reads."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name = None
+        if key == "embeddings.token_embedding.weight":
+            name = "token_embedding.weight"
+        elif key == "embeddings.position_embedding.weight":
+            name = "positional_embedding"
+        elif m := re.fullmatch(r"final_layer_norm\.(\w+)", key):
+            name = f"ln_final.{m.group(1)}"
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)", key):
+            fused.setdefault(f"transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(3)}", {})[m.group(2)] = value
+            continue
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key):
+            rest = (m.group(2).replace("self_attn.out_proj", "attn.out_proj").replace("layer_norm1", "ln_1")
+                    .replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj"))
+            name = f"transformer.resblocks.{m.group(1)}.{rest}"
+        if name is None:
+            raise UserError("--format", f"the text encoder's {key} has no place in SD 2.x's single-file layout",
+                            "export --format merged to a directory instead")
+        out[OPEN_CLIP + name] = value
+    for name, parts in fused.items():
+        out[OPEN_CLIP + name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def pipeline_to_ldm(pipe, open_clip: bool | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of an SD 1.x/2.x pipeline's UNet, VAE and text encoder under its LDM name.
+
+    `open_clip`: the text encoder's layout; by default SD 2.x's (OpenCLIP) when the UNet attends to
+    1024-wide text, as SD 2's does, else SD 1.x's."""
+    if open_clip is None:
+        open_clip = int(pipe.unet.config.cross_attention_dim) == 1024
+    text = pipe.text_encoder.state_dict()
+    out = {**unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)),
+           **vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
+           **(open_clip_to_ldm(text) if open_clip else clip_to_ldm(text))}
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
