@@ -96,19 +96,23 @@ def _write_dir_atomically(target: Path, write: Callable[[Path], None], keep: Cal
     _fsync_dir(target.parent)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` makes the file under a temporary name beside `path`, then it is renamed into place."""
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     with writing(path):
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
+            write(tmp)
+            with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
             raise
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def rng_state(generator: torch.Generator) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

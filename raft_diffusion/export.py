@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import write_dir_atomically
+from .checkpoint import write_dir_atomically, write_file_atomically
 from .errors import UserError
 
 FORMATS = ("kohya", "diffusers", "peft", "merged")
@@ -114,13 +114,7 @@ def _kohya_file(src: Source, out: Path) -> None:
         raise UserError("SOURCE", f"no {KOHYA_FILE} in {src.final}",
                         "an SD 3 run's diffusers file loads in ComfyUI as it is; an SD 1.x/2.x run made before "
                         "final/ held this file can be re-made with --format merged, or retrained")
-    tmp = out.with_name(f".tmp-{out.name}")
-    try:
-        shutil.copyfile(kohya, tmp)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_file_atomically(out, lambda tmp: shutil.copyfile(kohya, tmp))
 
 
 def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
@@ -144,16 +138,10 @@ def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
     from .ldm_layout import pipeline_to_ldm
 
     state = pipeline_to_ldm(pipe)  # every tensor named before a byte is written
-    tmp = out.with_name(f".tmp-{out.name}")
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt", "modelspec.architecture":
-                                             "stable-diffusion-v2" if "cond_stage_model.model.token_embedding.weight"
-                                             in state else "stable-diffusion-v1",
-                                             "raft_diffusion.lora_scale": repr(scale)})
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    architecture = "stable-diffusion-v2" if "cond_stage_model.model.token_embedding.weight" in state \
+        else "stable-diffusion-v1"
+    write_file_atomically(out, lambda tmp: save_file(state, str(tmp), metadata={
+        "format": "pt", "modelspec.architecture": architecture, "raft_diffusion.lora_scale": repr(scale)}))
 
 
 def _merged_causal_lm(src: Source, out: Path, scale: float) -> None:

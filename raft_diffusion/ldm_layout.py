@@ -37,6 +37,11 @@ def _resnet(rest: str) -> str:
     return rest
 
 
+def _block(prefix: str, index: int, kind: str, rest: str) -> str:
+    """`input_blocks.N` / `output_blocks.N`: its resnet at `.0`, its attention at `.1`."""
+    return f"{prefix}.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"{prefix}.{index}.1.{rest}"
+
+
 def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A UNet2DConditionModel's state dict under LDM's `input_blocks` / `middle_block` / `output_blocks`."""
     per = config.get("layers_per_block")
@@ -52,8 +57,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
             name = f"{_UNET_DIRECT[module]}.{leaf}"
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-            index = 1 + block * (per + 1) + j
-            name = f"input_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+            name = _block("input_blocks", 1 + block * (per + 1) + j, kind, rest)
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             name = f"input_blocks.{1 + int(m.group(1)) * (per + 1) + per}.0.op.{m.group(2)}"
         elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
@@ -62,8 +66,7 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
             name = f"middle_block.1.{m.group(1)}"
         elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-            index = block * (per + 1) + j
-            name = f"output_blocks.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+            name = _block("output_blocks", block * (per + 1) + j, kind, rest)
         elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             block = int(m.group(1))
             name = f"output_blocks.{block * (per + 1) + per}.{2 if block in attention_up else 1}.conv.{m.group(2)}"
