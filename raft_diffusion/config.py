@@ -72,6 +72,10 @@ class ExpertConfig(_Strict):
     samples: Optional[str] = Field(
         None, description="a folder with samples.jsonl rows {prompt, file} (images) or {prompt, text}, or builtin:NAME"
     )
+    lora: Optional[str] = Field(
+        None, description="model expert: a LoRA it samples with: a run's final/ (or the run), or one .safetensors "
+                          "file, diffusers' or kohya's names (SD 1.x/2.x); text: a PEFT adapter directory"
+    )
     per_prompt: int = Field(..., gt=0, description="candidates this source adds to each prompt's group")
     label: Optional[str] = Field(
         None, min_length=1, description="its name in samples.jsonl (`source`) and metrics (default: expert1, ...)"
@@ -86,9 +90,11 @@ class ExpertConfig(_Strict):
         if (self.model is None) == (self.samples is None):
             raise ValueError("an expert is either a model or a samples folder: give exactly one of them")
         if self.samples is not None:
-            given = [f for f in ("steps", "guidance_scale", "temperature", "top_p") if getattr(self, f) is not None]
+            given = [f for f in ("lora", "steps", "guidance_scale", "temperature", "top_p")
+                     if getattr(self, f) is not None]
             if given:
-                raise ValueError(f"{', '.join(given)}: generation settings apply to a model expert, not to samples")
+                raise ValueError(f"{', '.join(given)}: a LoRA and generation settings apply to a model expert, "
+                                 "not to samples")
         return self
 
 

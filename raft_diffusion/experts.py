@@ -3,7 +3,9 @@ pre-trained experts (e.g., LLaMA, ChatGPT, or even human)" (Dong et al. 2023, se
 
 `generation.experts` lists them beside the policy:
 - `{model: PATH, per_prompt: N}`: another model of the run's backend, sampled with seeds of its own
-  (`sample_seed(run seed, 3, expert, iteration, j)`) and never trained;
+  (`sample_seed(run seed, 3, expert, iteration, j)`) and never trained; with `lora: PATH` it samples
+  with that LoRA attached (an earlier run's final/, a diffusers or kohya `.safetensors` file, a PEFT
+  adapter for text), whose bytes are hashed into every checkpoint as a folder's are;
 - `{samples: DIR, per_prompt: N}`: a folder whose `samples.jsonl` has `{prompt, file}` rows (images
   of the run's resolution) or `{prompt, text}` rows. Each iteration, the rows of each of its prompts
   are drawn without replacement with the run's seed (up to N; a prompt without rows gets none).
@@ -36,6 +38,8 @@ from .files import inside, read_image
 from .paths import ASSETS
 
 POLICY = "policy"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a diffusion run's final/
+TEXT_ADAPTER = ("adapter_model.safetensors", "adapter_config.json")  # a text run's final/
 BUILTIN_SAMPLES = {"toy-monet-cats": "toyworld/monet-cats"}
 
 
@@ -182,6 +186,42 @@ class SampleFolder:
                                     "shorten the text, or remove the row")
 
 
+class ExpertLora:
+    """A model expert's LoRA (`generation.experts[].lora`), found and hashed before any model loads.
+
+    Images: a run's final/ (or the run directory), or one `.safetensors` file under diffusers' names
+    or, for SD 1.x/2.x, kohya's (`load_lora` attaches every layer of it or refuses). Text: a PEFT
+    adapter directory (adapter_model.safetensors and adapter_config.json), as a text run's final/.
+    """
+
+    def __init__(self, value: str, kind: str, field: str, search: Sequence[Path] = ()):
+        from .prompts import resolve_path
+
+        path = resolve_path(str(Path(value).expanduser()), search)
+        if path.is_dir() and (path / "run.json").is_file() and (path / "final").is_dir():
+            path = path / "final"  # a run directory: its final LoRA
+        if kind == "image":
+            files = [path if path.is_file() else path / LORA_WEIGHTS]
+            fix = "pass a run's final/ or one LoRA .safetensors file (diffusers' or kohya's names)"
+        elif path.is_file():
+            raise UserError(field, f"{path} is a file, and a text expert's LoRA is a PEFT adapter directory",
+                            "pass a text run's final/ (adapter_model.safetensors and adapter_config.json)")
+        else:
+            files = [path / name for name in TEXT_ADAPTER]
+            fix = "pass a text run's final/ (adapter_model.safetensors and adapter_config.json)"
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise UserError(field, f"{missing[0]} not found" if path.exists() else f"{path} not found", fix)
+        self.path = path  # what the backend loads
+        digest = hashlib.sha256()
+        for file in files:  # names and bytes: another adapter under the same name is another expert
+            digest.update(file.name.encode("utf-8") + b"\0")
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        self.fingerprint = digest.hexdigest()
+
+
 class Experts:
     """The run's experts: their folders read and checked, and their model paths, before any model
     is loaded (`Experts(config)`); then their models loaded beside the policy (`load(backend)`)."""
@@ -198,6 +238,8 @@ class Experts:
             else:
                 check_model_path(config.backend, spec.model, f"config generation.experts.{i}.model")
                 self.sources.append(None)
+        self.loras = {i: ExpertLora(spec.lora, self.kind, f"config generation.experts.{i}.lora", search)
+                      for i, spec in enumerate(self.specs) if spec.model is not None and spec.lora is not None}
 
     def check_prompts(self, prompts: Sequence[str], field: str) -> None:
         for source in self.sources:
@@ -207,6 +249,9 @@ class Experts:
     def load(self, backend) -> "Experts":
         for i, spec in enumerate(self.specs):
             if self.sources[i] is None:
+                lora = self.loras.get(i)
+                if lora is not None:  # the file as hashed, wherever it was found
+                    spec = spec.model_copy(update={"lora": str(lora.path)})
                 self.sources[i] = backend.load_expert(spec, f"config generation.experts.{i}.model")
         return self
 
@@ -226,9 +271,13 @@ class Experts:
 
     @property
     def fingerprint(self) -> dict[str, dict[str, str]]:
-        """Each sample folder's content hash, by expert index: what the checkpoints record."""
-        return {str(i): {"samples": spec.samples, "sha256": source.fingerprint}
-                for i, (spec, source) in enumerate(zip(self.specs, self.sources)) if isinstance(source, SampleFolder)}
+        """Each sample folder's and each expert LoRA's content hash, by expert index: what the
+        checkpoints record."""
+        found = {str(i): {"samples": spec.samples, "sha256": source.fingerprint}
+                 for i, (spec, source) in enumerate(zip(self.specs, self.sources)) if isinstance(source, SampleFolder)}
+        found.update({str(i): {"model": self.specs[i].model, "lora": self.specs[i].lora, "sha256": lora.fingerprint}
+                      for i, lora in self.loras.items()})
+        return dict(sorted(found.items(), key=lambda kv: int(kv[0])))
 
     def check_unchanged(self, checkpoints: Path) -> None:
         """On --resume: refuse a sample folder whose content differs from the one the checkpoints were
@@ -249,6 +298,11 @@ class Experts:
                 return
             for i, now in self.fingerprint.items():
                 then = recorded.get(i)
+                if isinstance(then, dict) and then.get("sha256") != now["sha256"] and "lora" in now:
+                    raise UserError(f"config generation.experts.{i}.lora",
+                                    f"{self.loras[int(i)].path} changed since checkpoint {path.name} was made (its "
+                                    "weights differ), so resuming would not continue the same run",
+                                    "restore that LoRA, or start a new run (another --output-dir, or --overwrite)")
                 if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
                     folder = self.sources[int(i)].directory
                     raise UserError(f"config generation.experts.{i}.samples",

@@ -145,18 +145,13 @@ def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
 
 
 def _merged_causal_lm(src: Source, out: Path, scale: float) -> None:
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from .backends.text import load_causal_lm
+    from .backends.text import attach_adapter, load_causal_lm
 
     base, tokenizer = load_causal_lm(src.model, src.gguf_file, field="--model")
-    try:
-        tuned = PeftModel.from_pretrained(base, str(src.final))
-    except Exception as e:  # noqa: BLE001 - an adapter of another model ends here
-        raise UserError("SOURCE", f"the adapter in {src.final} does not fit {src.model}: "
-                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
-                        "pass the base model it was trained on with --model") from None
+    tuned = attach_adapter(base, str(src.final), src.model, "SOURCE",
+                           "pass the base model it was trained on with --model")
     if scale != 1.0:
         for module in tuned.modules():
             if isinstance(module, LoraLayer):

@@ -234,6 +234,20 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory, tiny_llama) -> Path:
+    """A finished one-iteration text run on the tiny LLaMA, whose adapter moved the model (learning
+    rate 5e-2), shared: read it, never write into it."""
+    from raft_diffusion.cli import main
+
+    folder = tmp_path_factory.mktemp("text-run")
+    config = write_yaml(folder / "config.yaml", deep_update(TEXT_CONFIG, {
+        "model": {"path": str(tiny_llama)}, "raft": {"iterations": 1}, "eval": {"every": 0},
+        "training": {"learning_rate": 5e-2}}))
+    assert main(["train", str(config), "--output-dir", str(folder / "run")]) == 0
+    return folder / "run"
+
+
 def copy_run(run: Path, to: Path) -> Path:
     """A private copy of a shared run directory, to write into."""
     shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock"))

@@ -120,16 +120,6 @@ def test_the_kohya_file_is_the_runs_and_loads_in_diffusers(finished_run, tmp_pat
     assert wrong.returncode == 2 and not (tmp_path / "x.pt").exists()
 
 
-@pytest.fixture(scope="module")
-def text_run(tmp_path_factory, tiny_llama):
-    folder = tmp_path_factory.mktemp("text-run")
-    config = write_yaml(folder / "config.yaml", deep_update(TEXT_CONFIG, {
-        "model": {"path": str(tiny_llama)}, "raft": {"iterations": 1}, "eval": {"every": 0},
-        "training": {"learning_rate": 5e-2}}))
-    assert main(["train", str(config), "--output-dir", str(folder / "run")]) == 0
-    return folder / "run"
-
-
 def _greedy(model, tokenizer) -> list[int]:
     inputs = tokenizer("I watched this film on a rainy Sunday.", return_tensors="pt")
     with torch.no_grad():

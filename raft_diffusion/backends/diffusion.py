@@ -201,7 +201,8 @@ def check_resolution(pipe: StableDiffusionPipeline, resolution: int, field: str)
                         f"use {lower} or {upper}" if 0 < lower < upper else f"use {upper} or a larger multiple")
 
 
-def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lora") -> None:
+def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lora",
+              model: str = "this --model") -> None:
     """The LoRA saved in `directory` (a run's final/, or one LoRA .safetensors file: diffusers' names
     or, for SD 1.x/2.x, kohya's) attached to `pipe`'s denoiser (UNet or transformer), every layer of
     it, or a `UserError`.
@@ -220,7 +221,7 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
     except UserError as e:
         raise UserError(field, e.problem, "pass a run's final/ directory, as training saved it") from None
     if family.denoiser == "unet" and is_kohya(state):
-        return _load_kohya(pipe, path, state, field)
+        return _load_kohya(pipe, path, state, field, model)
     expected = family.lora_tensors(state)
     before = set(getattr(denoiser, "peft_config", {}))
     try:
@@ -235,7 +236,7 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
                 pipe.load_lora_weights(str(directory) if path.parent == Path(directory) else str(path))
     except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
         raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
-                        "pass a LoRA trained on this --model") from None
+                        f"pass a LoRA trained on {model}") from None
     added = [name for name in getattr(denoiser, "peft_config", {}) if name not in before]
     attached = get_peft_model_state_dict(denoiser, adapter_name=added[0]) if added else {}
     lost = [k for k, v in expected.items() if k not in attached or not torch.equal(attached[k].cpu(), v)]
@@ -244,10 +245,11 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
         example = f" (e.g. {lost[0]})" if lost else ""
         raise UserError(field, f"{len(lost) or total} of {total} LoRA tensors in {path} match no layer of this "
                         f"model's {'UNet' if family.denoiser == 'unet' else family.denoiser}{example}",
-                        "pass a LoRA trained on this --model")
+                        f"pass a LoRA trained on {model}")
 
 
-def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torch.Tensor], field: str) -> None:
+def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torch.Tensor], field: str,
+                model: str) -> None:
     """A kohya-named SD 1.x/2.x LoRA file through diffusers' own kohya loader, checked as load_lora
     checks a diffusers file: every `lora_unet_` layer attached, its up and down weights value for value
     and its strength (alpha / rank) the file's."""
@@ -260,7 +262,7 @@ def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torc
             pipe.load_lora_weights(str(path))
     except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
         raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
-                        "pass a LoRA trained on this --model") from None
+                        f"pass a LoRA trained on {model}") from None
     added = [name for name in getattr(denoiser, "peft_config", {}) if name not in before]
     attached = get_peft_model_state_dict(denoiser, adapter_name=added[0]) if added else {}
     found: dict[str, torch.Tensor] = {}
@@ -279,7 +281,7 @@ def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torc
     if not attached or lost:
         example = f" (e.g. {lost[0]})" if lost else ""
         raise UserError(field, f"{len(lost) or len(expected)} of {len(expected)} LoRA tensors in {path} match no "
-                        f"layer of this model's UNet{example}", "pass a LoRA trained on this --model")
+                        f"layer of this model's UNet{example}", f"pass a LoRA trained on {model}")
 
 
 def _mixes_names(state: dict[str, torch.Tensor]) -> bool:
@@ -388,11 +390,14 @@ def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_siz
 class DiffusionExpert:
     """Another diffusers pipeline that adds candidates (`generation.experts: [{model: ...}]`): sampled
     at the run's resolution with the run's generation settings (its `steps` and `guidance_scale` if
-    given; an SD 3 expert with its own Euler sampler), frozen, never trained."""
+    given; an SD 3 expert with its own Euler sampler), with its `lora` attached if given (every layer,
+    as `generate --lora` attaches it), frozen, never trained."""
 
     def __init__(self, spec, config: RunConfig, device, field: str):
         pipe = load_pipeline(spec.model, config.model.dtype, field=field)
         check_resolution(pipe, config.generation.resolution, field)
+        if spec.lora is not None:
+            load_lora(pipe, Path(spec.lora), field.rpartition(".")[0] + ".lora", f"the expert's model {spec.model}")
         self.gen = config.generation.model_copy(update={k: getattr(spec, k) for k in ("steps", "guidance_scale")
                                                          if getattr(spec, k) is not None})
         pipe.scheduler = make_scheduler(pipe, self.gen.scheduler)  # SD 3: its own Euler, no eta

@@ -229,16 +229,19 @@ def stop_ids(model, tokenizer) -> set[int]:
 
 class TextExpert:
     """Another causal LM that adds candidates (`generation.experts: [{model: ...}]`): sampled with the
-    run's generation settings (its `temperature` and `top_p` if given) and its own tokenizer, frozen,
-    never trained."""
+    run's generation settings (its `temperature` and `top_p` if given) and its own tokenizer, with its
+    `lora` (a PEFT adapter directory) attached if given, frozen, never trained."""
 
     def __init__(self, spec, config: RunConfig, device, field: str):
         model, self.tokenizer = load_causal_lm(spec.model, None, config.model.dtype, None,
                                                config.model.trust_remote_code, field=field)
+        self.pad_id, self.eos_ids = self.tokenizer.pad_token_id, stop_ids(model, self.tokenizer)
+        if spec.lora is not None:
+            model = attach_adapter(model, spec.lora, spec.model, field.rpartition(".")[0] + ".lora",
+                                   "pass an adapter trained on this expert's model")
         self.model = model.requires_grad_(False).to(device).eval()
         self.gen = config.generation.model_copy(update={k: getattr(spec, k) for k in ("temperature", "top_p")
                                                          if getattr(spec, k) is not None})
-        self.pad_id, self.eos_ids = self.tokenizer.pad_token_id, stop_ids(model, self.tokenizer)
 
     def generate(self, prompts: list[str], seeds: list[int], desc: str) -> list[str]:
         gen, responses = self.gen, []
@@ -249,6 +252,14 @@ class TextExpert:
                                 self.pad_id, self.eos_ids, gen.temperature, gen.top_p)
         return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
 
+
+def attach_adapter(model, adapter: str, model_path: str, field: str, fix: str) -> PeftModel:
+    """`model` with the PEFT adapter in directory `adapter` attached, or one line saying why not."""
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - an adapter of another model ends here
+        raise UserError(field, f"the adapter in {adapter} does not fit {model_path}: "
+                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", fix) from None
 
 
 class TextBackend:
