@@ -78,6 +78,9 @@ def _write_dir_atomically(target: Path, write: Callable[[Path], None], keep: Cal
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file() and not file.is_symlink():
+                _shareable(file)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written temporary behind
@@ -96,12 +99,21 @@ def _write_dir_atomically(target: Path, write: Callable[[Path], None], keep: Cal
     _fsync_dir(target.parent)
 
 
+def _shareable(path: Path) -> None:
+    """The mode a plain `open(path, "w")` gives (0644 under the usual umask 022): safetensors'
+    `save_file` makes its files 0600, which ComfyUI or A1111 running as another user cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` makes the file under a temporary name beside `path`, then it is renamed into place."""
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     with writing(path):
         try:
             write(tmp)
+            _shareable(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         except BaseException:

@@ -114,18 +114,16 @@ def write_kohya(path: str | Path, layers: dict[str, torch.Tensor], config: dict[
 
     Everything is checked before anything is written: a refused LoRA leaves no file.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from .weights import canonicalize_safetensors
+    from .checkpoint import write_file_atomically
+    from .weights import canonical_safetensors
 
     state = kohya_state_dict(layers, config, field)
     conv = any(t.ndim == 4 and t.shape[-1] > 1 for k, t in state.items() if k.endswith(".lora_down.weight"))
     meta = kohya_metadata(config, unet_config, model_path, conv, Path(path).stem)
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    save_file(state, str(tmp), metadata=meta)
-    canonicalize_safetensors(tmp)
-    tmp.replace(path)
+    data = canonical_safetensors(save(state, metadata=meta))
+    write_file_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def is_kohya(state: dict[str, Any]) -> bool:

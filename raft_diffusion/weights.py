@@ -63,20 +63,25 @@ def _reason(error: Exception) -> str:
 
 
 def canonicalize_safetensors(path: str | Path) -> None:
-    """Rewrite a safetensors header in a fixed order, so equal tensors give equal bytes.
+    """Rewrite a safetensors file with its header in a fixed order (`canonical_safetensors`)."""
+    from .checkpoint import write_file_atomically
+
+    path = Path(path)
+    raw = path.read_bytes()
+    write_file_atomically(path, lambda tmp: tmp.write_bytes(canonical_safetensors(raw)))
+
+
+def canonical_safetensors(raw: bytes) -> bytes:
+    """A safetensors file's bytes with the header in a fixed order, so equal tensors give equal bytes.
 
     safetensors keeps `__metadata__` in a hash map whose order changes from one process to the
     next; we sort it and list tensors by their data offsets (the data itself is not moved).
     """
     import json
-    import os
     import struct
 
-    path = Path(path)
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        data = f.read()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
     meta = header.pop("__metadata__", None)
     ordered: dict = {}
     if meta is not None:
@@ -84,9 +89,4 @@ def canonicalize_safetensors(path: str | Path) -> None:
     ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
     text = json.dumps(ordered, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return struct.pack("<Q", len(text)) + text + raw[8 + size:]
