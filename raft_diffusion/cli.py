@@ -514,10 +514,12 @@ def report(
 
 @app.command()
 def export(
-    source: Path = typer.Argument(..., help="A run directory (or its final/, with --model)."),
-    format_: str = typer.Option(..., "--format", help="diffusers or peft (the run's LoRA file), or merged "
-                                "(the base model with the LoRA fused in)."),
-    out: Path = typer.Option(..., "--out", help="Where to write it (a new path)."),
+    source: Path = typer.Argument(..., help="A run directory, or its final/ or one LoRA .safetensors file "
+                                  "(with --model for merged)."),
+    format_: str = typer.Option(..., "--format", help="kohya (ComfyUI, Forge, A1111, kohya sd-scripts), diffusers "
+                                "or peft (the run's LoRA file), or merged (the base model with the LoRA fused in)."),
+    out: Path = typer.Option(..., "--out", help="Where to write it (a new path): merged NAME.safetensors is one "
+                             "SD 1.x/2.x checkpoint file, any other name a directory."),
     scale: float = typer.Option(1.0, "--scale", help="merged: the LoRA's strength when fused."),
     model: Optional[str] = typer.Option(None, "--model", help="The base model (default: the run's model.path)."),
 ) -> None:

@@ -2,8 +2,11 @@
 
 - `diffusers` (diffusion runs): `pytorch_lora_weights.safetensors`, as `final/` holds it, for
   `pipe.load_lora_weights(OUT)`.
-- `kohya` (SD 1.x/2.x runs): one `.safetensors` file under kohya's names with its alpha and `ss_*`
-  metadata (`final/lora_kohya.safetensors`), for ComfyUI, Forge, AUTOMATIC1111 and kohya sd-scripts.
+- `kohya` (diffusion runs): one `.safetensors` file under kohya's names with its alpha and `ss_*`
+  metadata (`final/lora_kohya.safetensors`; SD 3 on the MMDiT layout), for ComfyUI, Forge,
+  AUTOMATIC1111 and kohya sd-scripts.
+  A run made before final/ held that file, or a lone diffusers-named LoRA file, is converted: its
+  rank and alpha come from the LoRA config diffusers keeps in the header (`lora_adapter_metadata`).
 - `peft` (text runs): the PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`), for
   `PeftModel.from_pretrained` and vLLM's LoRA loading.
 - `merged`: the base model with the LoRA fused in at `--scale`. `--out NAME.safetensors` (SD 1.x/2.x):
@@ -12,8 +15,9 @@
   a diffusers pipeline (`save_pretrained`; `DiffusionPipeline.from_pretrained(OUT)`), or a
   transformers model and its tokenizer (what vLLM, llama.cpp's converter and transformers load).
 
-The output is written under a temporary name and renamed into place, and an existing `--out` is
-refused: an export never replaces a file.
+SOURCE is a run directory, a LoRA directory (a run's final/), or, for diffusion, one LoRA
+`.safetensors` file (diffusers' names or kohya's). The output is written under a temporary name and
+renamed into place, and an existing `--out` is refused: an export never replaces a file.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Source:
     final: Path  # the directory holding the LoRA
     model: str | None  # the base model's path (the run's model.path, or --model)
     gguf_file: str | None = None
+    lora_file: Path | None = None  # diffusion: the LoRA file (final/'s diffusers file, or the one given)
+    kohya: bool = False  # whether lora_file is kohya-named
 
 
 def read_source(source: Path, model: str | None) -> Source:
@@ -45,8 +51,10 @@ def read_source(source: Path, model: str | None) -> Source:
     from .config import read_saved_config
 
     source = Path(source)
+    if source.is_file():
+        return _lora_file_source(source, model)
     if not source.is_dir():
-        raise UserError("SOURCE", f"{source} is not a directory", "pass a run directory or its final/")
+        raise UserError("SOURCE", f"{source} not found", "pass a run directory, its final/ or a LoRA .safetensors file")
     if (source / "config.yaml").is_file() and (source / "run.json").is_file():
         saved = read_saved_config(source / "config.yaml")
         saved_model = saved.get("model") if isinstance(saved, dict) else None
@@ -62,7 +70,28 @@ def read_source(source: Path, model: str | None) -> Source:
     wanted = DIFFUSERS_LORA if backend == "diffusion" else PEFT_FILES[0]
     if not (final / wanted).is_file():
         raise UserError("SOURCE", f"no {wanted} in {final}", "pass a finished run's directory or its final/")
-    return Source(backend, final, model, gguf)
+    return Source(backend, final, model, gguf, final / DIFFUSERS_LORA if backend == "diffusion" else None)
+
+
+def _lora_file_source(path: Path, model: str | None) -> Source:
+    """One diffusion LoRA file: diffusers-named (`unet.`, `transformer.` keys) or kohya-named."""
+    from safetensors import SafetensorError, safe_open
+
+    from .lora_formats import is_kohya
+
+    fix = "pass a run directory, its final/, or a diffusion LoRA .safetensors file"
+    if path.suffix != ".safetensors":
+        raise UserError("SOURCE", f"{path} is not a .safetensors file", fix)
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise UserError("SOURCE", f"{path} is not a readable safetensors file: {e}", fix) from None
+    kohya = is_kohya(keys)
+    if not kohya and not any(k.startswith(("unet.", "transformer.")) for k in keys):
+        raise UserError("SOURCE", f"{path} holds no diffusion LoRA (no lora_unet_, unet. or transformer. keys)",
+                        fix + " (a text run's adapter is its final/ directory)")
+    return Source("diffusion", path.parent, model, None, path, kohya)
 
 
 def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | None = None) -> Path:
@@ -94,7 +123,10 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
     if fmt == "kohya":
         _kohya_file(src, out)
     elif fmt == "diffusers":
-        write_dir_atomically(out, lambda tmp: shutil.copy2(src.final / DIFFUSERS_LORA, tmp / DIFFUSERS_LORA))
+        if src.kohya:
+            raise UserError("--format", f"{src.lora_file} is kohya-named, and diffusers loads it as it is "
+                            "(pipe.load_lora_weights(FILE))", "use --format merged, or load the file itself")
+        write_dir_atomically(out, lambda tmp: shutil.copy2(src.lora_file, tmp / DIFFUSERS_LORA))
     elif fmt == "peft":
         write_dir_atomically(out, lambda tmp: [shutil.copy2(src.final / name, tmp / name) for name in PEFT_FILES])
     elif src.backend == "diffusion":
@@ -109,12 +141,51 @@ def _kohya_file(src: Source, out: Path) -> None:
 
     if out.suffix != ".safetensors":
         raise UserError("--out", f"{out} does not end in .safetensors", "name the file, e.g. --out my_lora.safetensors")
-    kohya = src.final / KOHYA_FILE
-    if not kohya.is_file():
-        raise UserError("SOURCE", f"no {KOHYA_FILE} in {src.final}",
-                        "an SD 3 run's diffusers file loads in ComfyUI as it is; an SD 1.x/2.x run made before "
-                        "final/ held this file can be re-made with --format merged, or retrained")
-    write_file_atomically(out, lambda tmp: shutil.copyfile(kohya, tmp))
+    kohya = src.lora_file if src.kohya else None
+    if kohya is None and src.lora_file == src.final / DIFFUSERS_LORA and (src.final / KOHYA_FILE).is_file():
+        kohya = src.final / KOHYA_FILE  # the run's own, written with it
+    if kohya is not None:
+        write_file_atomically(out, lambda tmp: shutil.copyfile(kohya, tmp))
+        return
+    _convert_to_kohya(src.lora_file, out, src.model)
+
+
+def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
+    """A diffusers-named SD 1.x/2.x LoRA file under kohya's names: its layers renamed, `.alpha` and
+    the `ss_*` fields from the LoRA config in its header, refused whole where kohya's format cannot
+    carry it."""
+    from .backends.diffusion import lora_metadata
+    from .backends.families import FAMILIES
+    from .lora_formats import write_kohya
+    from .weights import read_tensors
+
+    state = read_tensors(path, "SOURCE")
+    sd3 = any(k.startswith("transformer.") for k in state)
+    if sd3 and model is None:
+        raise UserError("--model", f"{path} is an SD 3 LoRA, whose MMDiT names depend on the model's depth",
+                        "pass --model (the base it was trained on), or the run directory")
+    prefix = "transformer." if sd3 else "unet."
+    header = lora_metadata(path) or {}
+    config = {k[len(prefix):]: v for k, v in header.items() if k.startswith(prefix)} or header
+    if "r" not in config or "lora_alpha" not in config:
+        raise UserError("SOURCE", f"{path} does not say its LoRA's rank and alpha (no lora_adapter_metadata "
+                        "in its header), so kohya's .alpha cannot be written right",
+                        "save it with diffusers' save_lora_weights(..., unet_lora_adapter_metadata=config), "
+                        "or retrain")
+    if sd3:
+        from .backends.diffusion import load_pipeline
+        from .lora_formats import write_sd3_kohya
+
+        transformer = load_pipeline(model, field="--model").transformer
+        layers = FAMILIES["StableDiffusion3Pipeline"].lora_tensors(state)
+        write_sd3_kohya(out, layers, config, dict(transformer.config), model, field="SOURCE")
+        return
+    layers = FAMILIES["StableDiffusionPipeline"].lora_tensors(state)
+    # SD 2.x (OpenCLIP ViT-H) or 1.x (CLIP ViT-L), from what the cross-attention keys and values read
+    widths = {int(t.shape[1]) for k, t in layers.items() if ".attn2.to_k.lora_A" in k or ".attn2.to_v.lora_A" in k}
+    unet_config = {"cross_attention_dim": widths.pop()} if len(widths) == 1 else {}
+    write_kohya(out, layers, config, unet_config, model or str(header.get("unet.base_model_name_or_path") or ""),
+                field="SOURCE")
 
 
 def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
@@ -127,7 +198,7 @@ def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
     if single and not isinstance(pipe, StableDiffusionPipeline):
         raise UserError("--out", f"a merged {type(pipe).__name__} has no single-file layout here",
                         "name a directory (a diffusers pipeline), e.g. --out merged-model")
-    load_lora(pipe, src.final, "SOURCE")
+    load_lora(pipe, src.lora_file, "SOURCE")
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     if not single:

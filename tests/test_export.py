@@ -182,3 +182,106 @@ def test_merged_from_a_lora_directory_needs_the_base_model(finished_run, tmp_pat
                             "--out", str(tmp_path / "m"))
     assert result.returncode == 2 and "--model" in _one_error_line(result.stderr)
     assert not (tmp_path / "m").exists()
+
+
+# -- kohya from a diffusers file: runs made before final/ held lora_kohya.safetensors, lone files ------
+
+def test_a_run_without_its_kohya_file_gets_the_same_file_converted(finished_run, tmp_path, capfd):
+    run = copy_run(finished_run, tmp_path / "old-run")
+    (run / "final/lora_kohya.safetensors").unlink()  # as a run of an earlier version left final/
+    out = tmp_path / "lora_kohya.safetensors"
+    result = run_in_process(capfd, "export", str(run), "--format", "kohya", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    # rank, alpha, names and metadata rebuilt from the diffusers file's header: the run's own bytes
+    assert out.read_bytes() == (finished_run / "final/lora_kohya.safetensors").read_bytes()
+
+
+def test_a_lone_diffusers_file_converts_and_a_lone_kohya_file_merges(finished_run, tmp_path, capfd):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    lone = tmp_path / "downloaded.safetensors"
+    lone.write_bytes((finished_run / "final/pytorch_lora_weights.safetensors").read_bytes())
+    out = tmp_path / "converted.safetensors"
+    result = run_in_process(capfd, "export", str(lone), "--format", "kohya", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    converted, own = load_file(str(out)), load_file(str(finished_run / "final/lora_kohya.safetensors"))
+    assert converted.keys() == own.keys() and all(torch.equal(converted[k], own[k]) for k in own)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_network_alpha"] == "8.0" and f.metadata()["ss_network_dim"] == "4"
+    kohya = tmp_path / "civitai.safetensors"
+    kohya.write_bytes((finished_run / "final/lora_kohya.safetensors").read_bytes())
+    for name, source in (("from-kohya", kohya), ("from-run", finished_run)):
+        args = ["export", str(source), "--format", "merged", "--out", str(tmp_path / name)]
+        result = run_in_process(capfd, *args, *(["--model", "builtin:tiny-sd"] if source == kohya else []))
+        assert result.returncode == 0, result.stderr
+    a, b = (StableDiffusionPipeline.from_pretrained(str(tmp_path / n), safety_checker=None).unet.state_dict()
+            for n in ("from-kohya", "from-run"))
+    # diffusers' kohya loader and its own file attach the same LoRA: the same fused weights
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in b)
+
+
+def _fake_lora(path, keys, metadata=None):
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(4, 8) for k in keys}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("case, field", [
+    ("kohya file to diffusers", "--format"),
+    ("sd3 file to kohya without the model", "--model"),
+    ("no header config", "SOURCE"),
+    ("no lora keys", "SOURCE"),
+    ("not safetensors", "SOURCE"),
+])
+def test_a_lora_file_that_cannot_take_the_format_is_one_line_and_writes_nothing(finished_run, tmp_path, capfd,
+                                                                                 case, field):
+    if case == "kohya file to diffusers":
+        source, fmt = tmp_path / "k.safetensors", "diffusers"
+        source.write_bytes((finished_run / "final/lora_kohya.safetensors").read_bytes())
+    elif case == "sd3 file to kohya without the model":
+        header = {"lora_adapter_metadata": '{"transformer.r": 4, "transformer.lora_alpha": 4}'}
+        source = _fake_lora(tmp_path / "sd3.safetensors", ["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"],
+                            header)
+        fmt = "kohya"
+    elif case == "no header config":
+        module = "unet.mid_block.attentions.0.proj_in"
+        source = _fake_lora(tmp_path / "bare.safetensors", [f"{module}.lora_A.weight", f"{module}.lora_B.weight"])
+        fmt = "kohya"
+    elif case == "no lora keys":
+        source, fmt = _fake_lora(tmp_path / "model.safetensors", ["model.diffusion_model.out.2.weight"]), "kohya"
+    else:
+        source, fmt = tmp_path / "lora.ckpt", "kohya"
+        source.write_bytes(b"not a safetensors file")
+    out = tmp_path / ("out" if fmt == "diffusers" else "out.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_in_process(capfd, "export", str(source), "--format", fmt, "--out", str(out))
+    assert result.returncode == 2
+    line = _one_error_line(result.stderr)
+    assert line.startswith(f"error: {field}: "), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_exported_files_are_readable_by_other_users(finished_run, tmp_path, capfd):
+    """ComfyUI or A1111 running as another user read them: the mode a plain open gives, not 0600."""
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        single = tmp_path / "merged.safetensors"
+        assert run_in_process(capfd, "export", str(finished_run), "--format", "merged", "--out",
+                              str(single)).returncode == 0
+        directory = tmp_path / "merged"
+        assert run_in_process(capfd, "export", str(finished_run), "--format", "merged", "--out",
+                              str(directory)).returncode == 0
+        converted = tmp_path / "lora.safetensors"
+        assert run_in_process(capfd, "export", str(finished_run / "final/pytorch_lora_weights.safetensors"),
+                              "--format", "kohya", "--out", str(converted)).returncode == 0
+    finally:
+        os.umask(mask)
+    files = [single, converted, *[p for p in directory.rglob("*") if p.is_file()]]
+    assert any(p.suffix == ".safetensors" for p in directory.rglob("*"))
+    assert {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {str(p): "0o644" for p in files}

@@ -220,8 +220,10 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
         state = read_tensors(path, field)
     except UserError as e:
         raise UserError(field, e.problem, "pass a run's final/ directory, as training saved it") from None
-    if family.denoiser == "unet" and is_kohya(state):
-        return _load_kohya(pipe, path, state, field, model)
+    if is_kohya(state):
+        if family.denoiser == "unet":
+            return _load_kohya(pipe, path, state, field, model)
+        return _load_sd3_kohya(pipe, path, state, field, model)
     expected = family.lora_tensors(state)
     before = set(getattr(denoiser, "peft_config", {}))
     try:
@@ -231,7 +233,7 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
                 # under PEFT's; diffusers reads one scheme per file, so rename them all to PEFT's.
                 StableDiffusionPipeline.load_lora_into_unet(
                     {f"unet.{k}": v for k, v in expected.items()}, None, pipe.unet, _pipeline=pipe,
-                    metadata=_lora_metadata(path))
+                    metadata=lora_metadata(path))
             else:
                 pipe.load_lora_weights(str(directory) if path.parent == Path(directory) else str(path))
     except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
@@ -284,12 +286,47 @@ def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torc
                         f"layer of this model's UNet{example}", f"pass a LoRA trained on {model}")
 
 
+def _load_sd3_kohya(pipe, path: Path, state: dict[str, torch.Tensor], field: str, model: str) -> None:
+    """A kohya-named SD 3 LoRA file (MMDiT layout: ours, or kohya sd-scripts') on diffusers' transformer:
+    each fused q/k/v LoRA split by rows into its parts (`lora_formats.sd3_kohya_to_peft`), then checked
+    as `load_lora` checks a diffusers file, value for value and strength for strength."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from ..lora_formats import sd3_kohya_to_peft, sd3_targets
+
+    transformer = pipe.transformer
+    n = int(transformer.config.num_layers)
+    names = [name for name, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    layers, config = sd3_kohya_to_peft(state, n, sd3_targets(names, n), field)
+    before = set(getattr(transformer, "peft_config", {}))
+    try:
+        with _libraries_quiet():
+            StableDiffusion3Pipeline.load_lora_into_transformer(
+                {f"transformer.{k}": v for k, v in layers.items()}, transformer, _pipeline=pipe,
+                metadata={f"transformer.{k}": v for k, v in config.items()})  # diffusers' prefixed keys
+    except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
+        raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
+                        f"pass a LoRA trained on {model}") from None
+    added = [name for name in getattr(transformer, "peft_config", {}) if name not in before]
+    attached = get_peft_model_state_dict(transformer, adapter_name=added[0]) if added else {}
+    lost = [k for k, v in layers.items() if k not in attached or not torch.equal(attached[k].cpu(), v)]
+    for module in config["target_modules"]:
+        rank = config["rank_pattern"].get(module, config["r"])
+        alpha = config["alpha_pattern"].get(module, config["lora_alpha"])
+        scaling = transformer.get_submodule(module).scaling.get(added[0]) if added else None
+        if scaling is None or not math.isclose(scaling, alpha / rank, rel_tol=1e-6):
+            lost.append(f"{module} (strength)")
+    if not attached or lost:
+        raise UserError(field, f"{len(lost)} of {len(layers)} LoRA tensors in {path} match no layer of this "
+                        f"model's transformer (e.g. {lost[0]})", f"pass a LoRA trained on {model}")
+
+
 def _mixes_names(state: dict[str, torch.Tensor]) -> bool:
     old = any(".lora.down." in k or ".lora.up." in k for k in state)
     return old and any(".lora_A." in k or ".lora_B." in k for k in state)
 
 
-def _lora_metadata(path: Path) -> dict[str, Any] | None:
+def lora_metadata(path: Path) -> dict[str, Any] | None:
     """The LoRA config that `save_lora_weights` keeps in the file's header (rank, alpha, targets)."""
     from safetensors import safe_open
 
@@ -636,7 +673,7 @@ class DiffusionBackend:
 
     def save_adapter(self, directory: Path) -> None:
         """`pytorch_lora_weights.safetensors` that `pipe.load_lora_weights(directory)` loads whole, with its alpha;
-        for SD 1.x/2.x also `lora_kohya.safetensors`, the same LoRA under kohya's names (lora_formats)."""
+        also `lora_kohya.safetensors`, the same LoRA under kohya's names (lora_formats; for SD 3 on the MMDiT layout)."""
         denoiser = self._denoiser()
         # PEFT's own names (`unet.<module>.lora_A.weight`, `transformer.<module>...`), unconverted:
         # convert_state_dict_to_diffusers renames only attention layers (to `lora.down`), and diffusers
@@ -646,7 +683,8 @@ class DiffusionBackend:
         config = _sorted_sets(denoiser.peft_config["default"].to_dict())
         self.family.save_lora(str(directory), layers, config)
         canonicalize_safetensors(Path(directory) / "pytorch_lora_weights.safetensors")
-        self.family.save_client_lora(str(directory), layers, config, dict(denoiser.config), str(self.config.model.path))
+        described = {**dict(denoiser.config), "prediction_type": self.pipe.scheduler.config.get("prediction_type")}
+        self.family.save_client_lora(str(directory), layers, config, described, str(self.config.model.path))
 
     def training_state(self) -> dict[str, Any]:
         return training_state(self.optimizer, self.precision)

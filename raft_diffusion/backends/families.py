@@ -177,11 +177,16 @@ class StableDiffusion3(StableDiffusion):
 
     def save_client_lora(self, directory: str, layers: dict[str, torch.Tensor], config: dict[str, Any],
                          denoiser_config: dict[str, Any], model_path: str) -> None:
-        """Nothing more: ComfyUI loads the diffusers-format SD 3 file (`transformer.` keys) whole, its
-        output matching diffusers', so no kohya file is written for SD 3."""
+        """The same LoRA under kohya's SD 3 names on the MMDiT layout (`lora_formats.KOHYA_FILE`): Forge
+        maps no diffusers-format SD 3 LoRA; it, ComfyUI and kohya's sd-scripts load this one."""
+        from ..lora_formats import KOHYA_FILE, write_sd3_kohya
+
+        write_sd3_kohya(f"{directory}/{KOHYA_FILE}", layers, config, denoiser_config, model_path)
 
     def check_client_lora(self, config: dict[str, Any]) -> None:
-        pass
+        from ..lora_formats import check_kohya
+
+        check_kohya(config)
 
     def lora_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
