@@ -119,7 +119,8 @@ def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD 2.x: the CLIPTextModel in OpenCLIP's layout under `cond_stage_model.model.` (q, k and v fused
-    into `in_proj`). diffusers' SD 2 text encoder holds 23 of OpenCLIP's 24 layers, the ones SD 2 reads."""
+    into `in_proj`). diffusers' SD 2 text encoder holds 23 of OpenCLIP's 24 layers, the ones SD 2 reads;
+    the 24th is written as a pass-through block (`_identity_last_block`)."""
     state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
@@ -144,7 +145,27 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[OPEN_CLIP + name] = value
     for name, parts in fused.items():
         out[OPEN_CLIP + name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
+    if layers == set(range(23)):  # SD 2's text tower less the 24th block diffusers drops on reading
+        out.update(_identity_last_block(out))
     return out
+
+
+def _identity_last_block(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP ViT-H's 24th text block and `text_projection`, which SD 2 checkpoints carry and SD 2
+    never reads (it takes the penultimate layer; diffusers' reader skips both): a block whose attention
+    and MLP outputs are zero, so it passes its input through unchanged, and the identity projection.
+    AUTOMATIC1111, Forge and ComfyUI build the 24-block tower and would otherwise report them missing."""
+    last = OPEN_CLIP + "transformer.resblocks.22."
+    block = {}
+    for key in [k for k in out if k.startswith(last)]:
+        value = out[key]
+        rest = key[len(last):]
+        fill = torch.ones_like(value) if rest in ("ln_1.weight", "ln_2.weight") else torch.zeros_like(value)
+        block[OPEN_CLIP + "transformer.resblocks.23." + rest] = fill
+    width = out[OPEN_CLIP + "ln_final.weight"].shape[0]
+    block[OPEN_CLIP + "text_projection"] = torch.eye(width, dtype=out[OPEN_CLIP + "ln_final.weight"].dtype)
+    return block
 
 
 def pipeline_to_ldm(pipe, open_clip: bool | None = None) -> dict[str, torch.Tensor]:
