@@ -74,7 +74,7 @@ class ExpertConfig(_Strict):
     )
     lora: Optional[str] = Field(
         None, description="model expert: a LoRA it samples with: a run's final/ (or the run), or one .safetensors "
-                          "file, diffusers' or kohya's names (SD 1.x/2.x); text: a PEFT adapter directory"
+                          "file, diffusers' or kohya's names; text: a PEFT adapter directory"
     )
     per_prompt: int = Field(..., gt=0, description="candidates this source adds to each prompt's group")
     label: Optional[str] = Field(
