@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,22 +226,17 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
             return _load_kohya(pipe, path, state, field, model)
         return _load_sd3_kohya(pipe, path, state, field, model)
     expected = family.lora_tensors(state)
-    before = set(getattr(denoiser, "peft_config", {}))
-    try:
-        with _libraries_quiet():  # their partial-load notes are replaced by the verdict below
-            if family.denoiser == "unet" and _mixes_names(state):
-                # Earlier raft-diffusion saved attention layers under diffusers' old names and the rest
-                # under PEFT's; diffusers reads one scheme per file, so rename them all to PEFT's.
-                StableDiffusionPipeline.load_lora_into_unet(
-                    {f"unet.{k}": v for k, v in expected.items()}, None, pipe.unet, _pipeline=pipe,
-                    metadata=lora_metadata(path))
-            else:
-                pipe.load_lora_weights(str(directory) if path.parent == Path(directory) else str(path))
-    except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
-        raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
-                        f"pass a LoRA trained on {model}") from None
-    added = [name for name in getattr(denoiser, "peft_config", {}) if name not in before]
-    attached = get_peft_model_state_dict(denoiser, adapter_name=added[0]) if added else {}
+
+    def load() -> None:
+        if family.denoiser == "unet" and _mixes_names(state):
+            # Earlier raft-diffusion saved attention layers under diffusers' old names and the rest
+            # under PEFT's; diffusers reads one scheme per file, so rename them all to PEFT's.
+            StableDiffusionPipeline.load_lora_into_unet({f"unet.{k}": v for k, v in expected.items()}, None,
+                                                        pipe.unet, _pipeline=pipe, metadata=lora_metadata(path))
+        else:
+            pipe.load_lora_weights(str(directory) if path.parent == Path(directory) else str(path))
+
+    _, attached = _attach(denoiser, load, path, field, model)
     lost = [k for k, v in expected.items() if k not in attached or not torch.equal(attached[k].cpu(), v)]
     if not attached or lost:
         total = len(expected) or len(state)
@@ -258,15 +254,7 @@ def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torc
     from ..lora_formats import kohya_name
 
     denoiser = pipe.unet
-    before = set(getattr(denoiser, "peft_config", {}))
-    try:
-        with _libraries_quiet():
-            pipe.load_lora_weights(str(path))
-    except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
-        raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
-                        f"pass a LoRA trained on {model}") from None
-    added = [name for name in getattr(denoiser, "peft_config", {}) if name not in before]
-    attached = get_peft_model_state_dict(denoiser, adapter_name=added[0]) if added else {}
+    adapter, attached = _attach(denoiser, lambda: pipe.load_lora_weights(str(path)), path, field, model)
     found: dict[str, torch.Tensor] = {}
     for key, value in attached.items():
         module, _, part = key.rpartition(".lora_")
@@ -275,7 +263,7 @@ def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torc
         down = state.get(kohya_name(module) + ".lora_down.weight")
         alpha = state.get(kohya_name(module) + ".alpha")
         if part == "A.weight" and down is not None and alpha is not None:
-            scaling = denoiser.get_submodule(module).scaling[added[0]]
+            scaling = denoiser.get_submodule(module).scaling[adapter]
             if not math.isclose(scaling, float(alpha) / down.shape[0], rel_tol=1e-6):
                 found[name] = None  # attached at the wrong strength
     expected = {k: v for k, v in state.items() if k.startswith("lora_unet_") and not k.endswith(".alpha")}
@@ -298,27 +286,34 @@ def _load_sd3_kohya(pipe, path: Path, state: dict[str, torch.Tensor], field: str
     n = int(transformer.config.num_layers)
     names = [name for name, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     layers, config = sd3_kohya_to_peft(state, n, sd3_targets(names, n), field)
-    before = set(getattr(transformer, "peft_config", {}))
-    try:
-        with _libraries_quiet():
-            StableDiffusion3Pipeline.load_lora_into_transformer(
-                {f"transformer.{k}": v for k, v in layers.items()}, transformer, _pipeline=pipe,
-                metadata={f"transformer.{k}": v for k, v in config.items()})  # diffusers' prefixed keys
-    except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
-        raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
-                        f"pass a LoRA trained on {model}") from None
-    added = [name for name in getattr(transformer, "peft_config", {}) if name not in before]
-    attached = get_peft_model_state_dict(transformer, adapter_name=added[0]) if added else {}
+    adapter, attached = _attach(transformer, lambda: StableDiffusion3Pipeline.load_lora_into_transformer(
+        {f"transformer.{k}": v for k, v in layers.items()}, transformer, _pipeline=pipe,
+        metadata={f"transformer.{k}": v for k, v in config.items()}), path, field, model)  # prefixed, as diffusers'
     lost = [k for k, v in layers.items() if k not in attached or not torch.equal(attached[k].cpu(), v)]
     for module in config["target_modules"]:
         rank = config["rank_pattern"].get(module, config["r"])
         alpha = config["alpha_pattern"].get(module, config["lora_alpha"])
-        scaling = transformer.get_submodule(module).scaling.get(added[0]) if added else None
+        scaling = transformer.get_submodule(module).scaling.get(adapter) if adapter else None
         if scaling is None or not math.isclose(scaling, alpha / rank, rel_tol=1e-6):
             lost.append(f"{module} (strength)")
     if not attached or lost:
         raise UserError(field, f"{len(lost)} of {len(layers)} LoRA tensors in {path} match no layer of this "
                         f"model's transformer (e.g. {lost[0]})", f"pass a LoRA trained on {model}")
+
+
+def _attach(denoiser, load: Callable[[], None], path: Path, field: str, model: str
+            ) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """`load()` (one of diffusers' LoRA loaders, quiet: their partial-load notes are replaced by the
+    caller's verdict); the adapter it added to `denoiser` and that adapter's tensors, or (None, {})."""
+    before = set(getattr(denoiser, "peft_config", {}))
+    try:
+        with _libraries_quiet():
+            load()
+    except Exception as e:  # noqa: BLE001 - a file that does not fit this model is the user's to fix
+        raise UserError(field, f"{path} does not fit this model: {_load_reason(e)}",
+                        f"pass a LoRA trained on {model}") from None
+    added = [name for name in getattr(denoiser, "peft_config", {}) if name not in before]
+    return (added[0], get_peft_model_state_dict(denoiser, adapter_name=added[0])) if added else (None, {})
 
 
 def _mixes_names(state: dict[str, torch.Tensor]) -> bool:
