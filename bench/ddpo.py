@@ -176,7 +176,7 @@ def ddpo_pipeline(default_class, model_path: str, lora):
     """
     from peft import LoraConfig
 
-    from raft_diffusion.backends.diffusion import load_pipeline
+    from raft_diffusion.backends.loading import load_pipeline
 
     class ProjectLoraPipeline(default_class):
         def get_trainable_layers(self):

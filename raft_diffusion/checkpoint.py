@@ -27,6 +27,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
+
 
 # The files of a checkpoint directory (save_checkpoint); nothing else there is ever removed.
 CHECKPOINT_FILES = frozenset({"adapter.safetensors", "training_state.pt", "rng.safetensors", "state.json",
@@ -436,8 +438,6 @@ def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str]
     A missing `latest` pointer or a corrupt checkpoint falls back to the next newest one, with a
     one-line warning; when checkpoints exist but none is intact, raises `UserError` naming the file.
     """
-    from .errors import UserError
-
     named, found = candidates(root)
     if not found:
         return None, None

@@ -232,7 +232,7 @@ def demo(
     metrics = run_training(cfg, search=_search_dirs(path), overwrite=overwrite, command=f"demo {name}",
                            replaces=name, after=finish)
     first, last = metrics[0], metrics[-1]
-    from .loop import raw_rewards
+    from .records import raw_rewards
 
     def mean(record: dict) -> str:
         return "n/a" if record["reward_mean"] is None else f"{record['reward_mean']:.4f}"
@@ -290,8 +290,9 @@ def generate(
     _quiet_libraries()
     import torch
 
-    from .backends.diffusion import (check_resolution, encode_prompts, generate_latents, load_lora, load_pipeline,
-                                     make_scheduler, native_resolution)
+    from .backends.loading import check_resolution, load_pipeline, make_scheduler, native_resolution
+    from .backends.lora_io import load_lora
+    from .backends.sampling import encode_prompts, generate_latents
     from .backends.families import family_of
     from .config import GenerationConfig
     from .rewards.jpeg import to_uint8

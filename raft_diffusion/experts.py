@@ -3,7 +3,7 @@ pre-trained experts (e.g., LLaMA, ChatGPT, or even human)" (Dong et al. 2023, se
 
 `generation.experts` lists them beside the policy:
 - `{model: PATH, per_prompt: N}`: another model of the run's backend, sampled with seeds of its own
-  (`sample_seed(run seed, 3, expert, iteration, j)`) and never trained; with `lora: PATH` it samples
+  (`seeds.expert_seed(run seed, expert, iteration, j)`) and never trained; with `lora: PATH` it samples
   with that LoRA attached (an earlier run's final/, a diffusers or kohya `.safetensors` file, a PEFT
   adapter for text), whose bytes are hashed into every checkpoint as a folder's are;
 - `{samples: DIR, per_prompt: N}`: a folder whose `samples.jsonl` has `{prompt, file}` rows (images
@@ -24,18 +24,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from .checkpoint import candidates
 from .config import ExpertConfig, RunConfig
 from .errors import UserError
 from .files import inside, read_image
+from .kinds import kind_of
 from .paths import ASSETS
+from .prompts import resolve_path
+from .protocols import Samples
+from .seeds import expert_seed, folder_rng
 
 POLICY = "policy"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # a diffusion run's final/
@@ -61,8 +66,6 @@ def resolve_samples_dir(value: str, field: str, search: Sequence[Path] = ()) -> 
         if name not in BUILTIN_SAMPLES:
             raise UserError(field, f"unknown built-in samples {name!r}", f"available: {', '.join(BUILTIN_SAMPLES)}")
         return ASSETS / BUILTIN_SAMPLES[name]
-    from .prompts import resolve_path
-
     return resolve_path(str(Path(value).expanduser()), search)
 
 
@@ -149,7 +152,7 @@ class SampleFolder:
         rows = self.rows.get(prompt, [])
         if not rows:
             return []
-        rng = np.random.default_rng([seed, 4, expert, it, group])
+        rng = folder_rng(seed, expert, it, group)
         picks = rng.permutation(len(rows))[:self.per_prompt]
         return [rows[i] for i in sorted(picks)]
 
@@ -195,8 +198,6 @@ class ExpertLora:
     """
 
     def __init__(self, value: str, kind: str, field: str, search: Sequence[Path] = ()):
-        from .prompts import resolve_path
-
         path = resolve_path(str(Path(value).expanduser()), search)
         if path.is_dir() and (path / "run.json").is_file() and (path / "final").is_dir():
             path = path / "final"  # a run directory: its final LoRA
@@ -228,7 +229,8 @@ class Experts:
 
     def __init__(self, config: RunConfig, search: Sequence[Path] = ()):
         self.specs = list(config.generation.experts)
-        self.kind = "image" if config.backend == "diffusion" else "text"
+        kind = kind_of(config)
+        self.kind = kind.output
         resolution = config.generation.resolution if self.kind == "image" else None
         self.sources: list[Any] = []
         for i, spec in enumerate(self.specs):
@@ -236,7 +238,7 @@ class Experts:
                 self.sources.append(SampleFolder(spec, f"config generation.experts.{i}.samples", self.kind, resolution,
                                                  search))
             else:
-                check_model_path(config.backend, spec.model, f"config generation.experts.{i}.model")
+                kind.check_model_path(spec.model, f"config generation.experts.{i}.model")
                 self.sources.append(None)
         self.loras = {i: ExpertLora(spec.lora, self.kind, f"config generation.experts.{i}.lora", search)
                       for i, spec in enumerate(self.specs) if spec.model is not None and spec.lora is not None}
@@ -283,8 +285,6 @@ class Experts:
         """On --resume: refuse a sample folder whose content differs from the one the checkpoints were
         made with (the first readable state.json decides; one without the record, of an older run, is
         taken as it is)."""
-        from .checkpoint import candidates
-
         _, found = candidates(checkpoints)
         for path in found:
             try:
@@ -327,15 +327,13 @@ class Experts:
                 j = 0
                 for g in range(len(prompts)):
                     for _ in range(spec.per_prompt):
-                        slots.append(Slot(g, spec.label, _expert_seed(seed, e, it, j)))
+                        slots.append(Slot(g, spec.label, expert_seed(seed, e, it, j)))
                         j += 1
         return slots
 
     def make(self, backend, slots: Sequence[Slot], prompts: Sequence[str], desc: str, seconds: dict[str, float]):
         """Samples of the expert `slots` (those this process holds), in their order, made trainable;
         the time spent making expert outputs trainable goes to `seconds["encode"]`."""
-        import time
-
         parts, order = [], []
         for label, source in zip(self.labels[1:], self.sources):
             mine = [k for k, s in enumerate(slots) if s.source == label]
@@ -356,31 +354,8 @@ class Experts:
         return merged.select([position[k] for k in sorted(order)])
 
 
-def check_model_path(backend: str, path: str, field: str) -> None:
-    """What can be known of a model expert's path before loading anything: that a `builtin:NAME`
-    is one of the run's backend (other paths are tried when loaded)."""
-    if backend == "text":
-        from .backends.text import resolve_model
-
-        resolve_model(path, None, field)
-        return
-    from .backends.diffusion import BUILTINS
-
-    if path.startswith("builtin:") and path[len("builtin:"):] not in BUILTINS:
-        raise UserError(field, f"unknown built-in diffusion model {path[len('builtin:'):]!r}",
-                        f"available: {', '.join(BUILTINS)}")
-
-
-def _expert_seed(seed: int, expert: int, it: int, j: int) -> int:
-    from .loop import sample_seed
-
-    return sample_seed(seed, 3, expert, it, j)
-
-
 def concat(parts: Sequence[Any]):
     """One `Samples` of several, in order (payload tensors concatenated, lists joined)."""
-    from .protocols import Samples
-
     parts = [p for p in parts if len(p)]
     if len(parts) == 1:
         return parts[0]

@@ -29,27 +29,35 @@ from pathlib import Path
 
 from .checkpoint import write_dir_atomically, write_file_atomically
 from .errors import UserError
+from .kinds import KINDS, BackendKind, kind_of, lora_dir_kind
+from .backends.families import FAMILIES
+from .backends.loading import load_pipeline
+from .backends.lora_io import load_lora, lora_metadata
+from .backends.text import attach_adapter, load_causal_lm
+from .config import read_saved_config
+from .ldm_layout import pipeline_to_ldm
+from .lora_formats import KOHYA_FILE, is_kohya, write_kohya, write_sd3_kohya
+from .weights import read_tensors
 
 FORMATS = ("kohya", "diffusers", "peft", "merged")
-DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
-PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+LORA_FORMATS = tuple(kind.lora_format for kind in KINDS.values())  # a run's own LoRA file(s), as final/ holds them
+DIFFUSERS_LORA = KINDS["diffusion"].lora_file
+PEFT_FILES = tuple(sorted(KINDS["text"].final_files, reverse=True))  # adapter_model.safetensors, adapter_config.json
 
 
 @dataclass
 class Source:
-    backend: str  # "diffusion" or "text"
+    kind: BackendKind  # what the run generates (kinds.py)
     final: Path  # the directory holding the LoRA
     model: str | None  # the base model's path (the run's model.path, or --model)
     gguf_file: str | None = None
-    lora_file: Path | None = None  # diffusion: the LoRA file (final/'s diffusers file, or the one given)
+    lora_file: Path | None = None  # the LoRA file (final/'s own, or the one given)
     kohya: bool = False  # whether lora_file is kohya-named
 
 
 def read_source(source: Path, model: str | None) -> Source:
     """A run directory (its config says the backend and base model), or a LoRA directory such as
     a run's final/ (the files say the backend; the base model comes from `model`)."""
-    from .config import read_saved_config
-
     source = Path(source)
     if source.is_file():
         return _lora_file_source(source, model)
@@ -61,23 +69,28 @@ def read_source(source: Path, model: str | None) -> Source:
         if not isinstance(saved_model, dict) or not isinstance(saved.get("backend", "diffusion"), str):
             raise UserError("SOURCE", f"{source / 'config.yaml'} names no model", "pass --model")
         final = source / "final"
-        backend = saved.get("backend", "diffusion")
+        kind = _kind_named(saved.get("backend", "diffusion"), source / "config.yaml")
         gguf = saved_model.get("gguf_file")
         model = model if model is not None else saved_model.get("path")
     else:
         final, gguf = source, None
-        backend = "text" if (source / "adapter_config.json").is_file() else "diffusion"
-    wanted = DIFFUSERS_LORA if backend == "diffusion" else PEFT_FILES[0]
-    if not (final / wanted).is_file():
-        raise UserError("SOURCE", f"no {wanted} in {final}", "pass a finished run's directory or its final/")
-    return Source(backend, final, model, gguf, final / DIFFUSERS_LORA if backend == "diffusion" else None)
+        kind = lora_dir_kind(source)
+    if not (final / kind.lora_file).is_file():
+        raise UserError("SOURCE", f"no {kind.lora_file} in {final}", "pass a finished run's directory or its final/")
+    return Source(kind, final, model, gguf, final / kind.lora_file)
+
+
+def _kind_named(name: str, where: Path):
+    try:
+        return kind_of(name)
+    except UserError:
+        raise UserError("SOURCE", f"{where} names backend {name!r}, which this version does not know",
+                        "pass --model with the run's final/") from None
 
 
 def _lora_file_source(path: Path, model: str | None) -> Source:
     """One diffusion LoRA file: diffusers-named (`unet.`, `transformer.` keys) or kohya-named."""
     from safetensors import SafetensorError, safe_open
-
-    from .lora_formats import is_kohya
 
     fix = "pass a run directory, its final/, or a diffusion LoRA .safetensors file"
     if path.suffix != ".safetensors":
@@ -91,7 +104,7 @@ def _lora_file_source(path: Path, model: str | None) -> Source:
     if not kohya and not any(k.startswith(("unet.", "transformer.")) for k in keys):
         raise UserError("SOURCE", f"{path} holds no diffusion LoRA (no lora_unet_, unet. or transformer. keys)",
                         fix + " (a text run's adapter is its final/ directory)")
-    return Source("diffusion", path.parent, model, None, path, kohya)
+    return Source(KINDS["diffusion"], path.parent, model, None, path, kohya)
 
 
 def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | None = None) -> Path:
@@ -106,16 +119,17 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
     if not out.parent.is_dir():
         raise UserError("--out", f"{out.parent} is not a directory", "create it first, or choose another --out")
     src = read_source(source, model)
-    kind = {"diffusion": "diffusers", "text": "peft"}[src.backend]
-    if fmt == "kohya" and src.backend != "diffusion":
-        raise UserError("--format", "kohya is a format of a diffusion run's LoRA", "use peft or merged")
-    if fmt in ("diffusers", "peft") and fmt != kind:
-        raise UserError("--format", f"{fmt} is not a format of a {src.backend} run's LoRA",
-                        f"use {kind} or merged")
+    own = src.kind.lora_format
+    if fmt == "kohya" and fmt not in src.kind.client_formats:
+        having = " or ".join(k.name for k in KINDS.values() if fmt in k.client_formats)
+        raise UserError("--format", f"kohya is a format of a {having} run's LoRA", f"use {own} or merged")
+    if fmt in LORA_FORMATS and fmt != own:
+        raise UserError("--format", f"{fmt} is not a format of a {src.kind.name} run's LoRA",
+                        f"use {own} or merged")
     if fmt != "merged" and scale != 1.0:
         raise UserError("--scale", f"{scale} applies only to --format merged",
                         "leave it out: a LoRA file is scaled where it is loaded")
-    if fmt == "merged" and out.suffix == ".safetensors" and src.backend != "diffusion":
+    if fmt == "merged" and out.suffix == ".safetensors" and not src.kind.single_file_merge:
         raise UserError("--out", "a merged text model is a directory", "name a directory, e.g. --out merged-model")
     if fmt == "merged" and src.model is None:
         raise UserError("--model", "the base model is not known from a LoRA directory alone",
@@ -129,7 +143,7 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
         write_dir_atomically(out, lambda tmp: shutil.copy2(src.lora_file, tmp / DIFFUSERS_LORA))
     elif fmt == "peft":
         write_dir_atomically(out, lambda tmp: [shutil.copy2(src.final / name, tmp / name) for name in PEFT_FILES])
-    elif src.backend == "diffusion":
+    elif src.kind.output == "image":
         _merged_pipeline(src, out, scale)
     else:
         _merged_causal_lm(src, out, scale)
@@ -137,8 +151,6 @@ def export(source: Path, fmt: str, out: Path, scale: float = 1.0, model: str | N
 
 
 def _kohya_file(src: Source, out: Path) -> None:
-    from .lora_formats import KOHYA_FILE
-
     if out.suffix != ".safetensors":
         raise UserError("--out", f"{out} does not end in .safetensors", "name the file, e.g. --out my_lora.safetensors")
     kohya = src.lora_file if src.kohya else None
@@ -154,11 +166,6 @@ def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
     """A diffusers-named SD 1.x/2.x LoRA file under kohya's names: its layers renamed, `.alpha` and
     the `ss_*` fields from the LoRA config in its header, refused whole where kohya's format cannot
     carry it."""
-    from .backends.diffusion import lora_metadata
-    from .backends.families import FAMILIES
-    from .lora_formats import write_kohya
-    from .weights import read_tensors
-
     state = read_tensors(path, "SOURCE")
     sd3 = any(k.startswith("transformer.") for k in state)
     if sd3 and model is None:
@@ -173,9 +180,6 @@ def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
                         "save it with diffusers' save_lora_weights(..., unet_lora_adapter_metadata=config), "
                         "or retrain")
     if sd3:
-        from .backends.diffusion import load_pipeline
-        from .lora_formats import write_sd3_kohya
-
         transformer = load_pipeline(model, field="--model").transformer
         layers = FAMILIES["StableDiffusion3Pipeline"].lora_tensors(state)
         write_sd3_kohya(out, layers, config, dict(transformer.config), model, field="SOURCE")
@@ -191,8 +195,6 @@ def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
 def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
     from diffusers import StableDiffusionPipeline
 
-    from .backends.diffusion import load_lora, load_pipeline
-
     pipe = load_pipeline(src.model, field="--model")
     single = out.suffix == ".safetensors"
     if single and not isinstance(pipe, StableDiffusionPipeline):
@@ -206,8 +208,6 @@ def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
         return
     from safetensors.torch import save_file
 
-    from .ldm_layout import pipeline_to_ldm
-
     state = pipeline_to_ldm(pipe)  # every tensor named before a byte is written
     architecture = "stable-diffusion-v2" if "cond_stage_model.model.token_embedding.weight" in state \
         else "stable-diffusion-v1"
@@ -217,8 +217,6 @@ def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
 
 def _merged_causal_lm(src: Source, out: Path, scale: float) -> None:
     from peft.tuners.lora import LoraLayer
-
-    from .backends.text import attach_adapter, load_causal_lm
 
     base, tokenizer = load_causal_lm(src.model, src.gguf_file, field="--model")
     tuned = attach_adapter(base, str(src.final), src.model, "SOURCE",

@@ -22,6 +22,7 @@ from .config import ReportConfig
 from .errors import UserError
 from .flags import evaluations, find
 from .report import Run, grid_image, inside, last_eval_dir, picture, read_run, rows, run_file, sample_dir, thumbnail
+from .checkpoint import write_text_atomically
 
 MAX_CANDIDATES = 64  # of the last iteration, shown as thumbnails or texts
 # Bidirectional controls (embeddings, overrides, isolates, marks): a prompt's right-to-left override
@@ -32,8 +33,6 @@ BIDI_CONTROLS = dict.fromkeys(map(ord, "\u202a\u202b\u202c\u202d\u202e\u2066\u20
 def write(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> Path:
     """Write `RUN_DIR/report.html` (atomically) and return its path. The run directory's records are
     read and checked first (report.read_run); a damaged one is a UserError and nothing is written."""
-    from .checkpoint import write_text_atomically
-
     run_dir = Path(run_dir)
     metrics = run_file(run_dir, "metrics.jsonl")
     if metrics is None or not metrics.is_file():

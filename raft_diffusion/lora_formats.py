@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .checkpoint import write_file_atomically
+from .weights import canonical_safetensors
 
 KOHYA_FILE = "lora_kohya.safetensors"  # beside pytorch_lora_weights.safetensors in a run's final/
 KOHYA_PREFIX = "lora_unet_"
@@ -107,9 +109,6 @@ def write_kohya(path: str | Path, layers: dict[str, torch.Tensor], config: dict[
     Everything is checked before anything is written: a refused LoRA leaves no file.
     """
     from safetensors.torch import save
-
-    from .checkpoint import write_file_atomically
-    from .weights import canonical_safetensors
 
     state = kohya_state_dict(layers, config, field)
     conv = any(t.ndim == 4 and t.shape[-1] > 1 for k, t in state.items() if k.endswith(".lora_down.weight"))
@@ -277,9 +276,6 @@ def write_sd3_kohya(path: str | Path, layers: dict[str, torch.Tensor], config: d
                     transformer_config: dict[str, Any], model_path: str, field: str = "config lora") -> None:
     """`path`: the SD 3 LoRA under kohya's MMDiT names with kohya's `ss_*` metadata."""
     from safetensors.torch import save
-
-    from .checkpoint import write_file_atomically
-    from .weights import canonical_safetensors
 
     state = sd3_kohya_state_dict(layers, config, int(transformer_config["num_layers"]), field)
     meta = {

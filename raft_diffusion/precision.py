@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -66,8 +68,6 @@ def check_launcher(mode: str) -> None:
     """Refuse a launcher's `--mixed_precision` that the config does not ask for (it would be ignored)."""
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launched not in ("", "no") and launched != mode:
-        from .errors import UserError
-
         raise UserError("config training.mixed_precision", f"is {mode!r} but the launcher asked for {launched!r}",
                         f"set training.mixed_precision: {launched} (or --set training.mixed_precision={launched}), "
                         "or launch without --mixed_precision")

@@ -1,4 +1,4 @@
-"""The two small protocols the RAFT loop knows: a generative `Backend` and a `Reward`."""
+"""The protocols the RAFT loop knows: a generative `Backend` (and the `Expert` models beside it) and a `Reward`."""
 
 from __future__ import annotations
 
@@ -42,16 +42,40 @@ class Samples:
         )
 
 
-class Backend(Protocol):
-    """A generative model with a trainable adapter."""
+class Expert(Protocol):
+    """Another model of the run's kind that adds candidates (`generation.experts[].model`), frozen."""
 
+    def generate(self, prompts: list[str], seeds: list[int], desc: str) -> Any:
+        """Outputs as rewards read them (images (N, 3, H, W) in [0, 1], or texts), one per (prompt, seed)."""
+
+
+class Backend(Protocol):
+    """A generative model with a trainable adapter: everything the loop (loop.py, state.py,
+    candidates.py, observers.py), the experts and the checkpoints call. Registered by kind in
+    kinds.py; the two are backends/diffusion.py and backends/text.py."""
+
+    kind: str  # its entry in kinds.KINDS (the config's `backend`)
     lora_params: list[torch.Tensor]  # the adapter's trainable tensors (what an EMA averages)
+
+    @staticmethod
+    def check_model_path(path: str, field: str) -> None:
+        """Refuse, before anything loads, a model path that cannot be of this kind (an unknown `builtin:NAME`)."""
 
     def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate") -> Samples:
         """One sample per (prompt, seed); the same seed gives the same sample."""
 
-    def train(self, samples: Samples, generator: torch.Generator) -> float:
-        """Fine-tune the adapter on `samples` (epochs, batches, accumulation); mean loss."""
+    def train(self, samples: Samples, generator: torch.Generator, old_policy: Any = None) -> float:
+        """Fine-tune the adapter on `samples` (epochs, batches, accumulation); mean loss. Per-sample
+        `weight` and `optimality` in the payload come from the objective (objectives.py);
+        `old_policy` is the LoRA's EMA (`ema.LoraEMA`) that negative_aware's implicit policies
+        reach from, None when the run keeps no EMA."""
+
+    def load_expert(self, spec: Any, field: str) -> Expert:
+        """The model of a `generation.experts[]` entry (`config.ExpertConfig`), loaded frozen."""
+
+    def adopt(self, prompts: list[str], seeds: list, outputs: Any) -> Samples:
+        """Outputs of experts (or of a sample folder) as candidates this backend can train on: what
+        `generate` keeps of its own samples (diffusion: latents and prompt encodings; text: token ids)."""
 
     def write_samples(self, samples: Samples, directory: Path, start: int = 0) -> list[dict[str, Any]]:
         """Write the samples into `directory`, the first being sample number `start` of its
@@ -64,7 +88,7 @@ class Backend(Protocol):
         its share; the result is over all of them, the same on every process."""
 
     def save_adapter(self, directory: Path) -> None:
-        """The adapter in the format its ecosystem loads (diffusers LoRA / PEFT adapter)."""
+        """final/: the adapter in the formats its ecosystem loads (kinds.KINDS: final_files)."""
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The trained adapter tensors, for checkpoints (safetensors)."""
@@ -75,3 +99,15 @@ class Backend(Protocol):
         """Optimizer state (and anything else training needs to resume exactly)."""
 
     def load_training_state(self, state: dict[str, Any]) -> None: ...
+
+
+class TokenizedBackend(Backend, Protocol):
+    """A text backend, which experts' texts are checked against before the run writes anything."""
+
+    tokenizer: Any
+
+    def encode(self, prompt: str) -> list[int]:
+        """A prompt's token ids, as the backend generates after them."""
+
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and response together) the policy attends to, if its config says."""

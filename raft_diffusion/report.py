@@ -24,6 +24,9 @@ from PIL import Image, ImageDraw
 from .errors import UserError
 from .files import inside, read_image
 from .run_dir import RunDirectory
+from .checkpoint import write_text_atomically
+from .config import RunConfig, _submodel, read_saved_config
+from .images import paste_grid
 
 RECORD_FIX = "restore the run's file, or delete the damaged line"
 MAX_SIDE = 4096  # generation.resolution's own limit: a bigger picture is not one the run wrote
@@ -168,8 +171,6 @@ def read_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     YAML, no Python objects) and the sections the report uses checked with the run's own models."""
     from pydantic import TypeAdapter, ValidationError
 
-    from .config import RunConfig, read_saved_config
-
     path = run_file(run_dir, "config.yaml")
     if path is None:
         return "", {}
@@ -210,8 +211,6 @@ def read_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
 
 def _config_error(err, section: str, annotation: Any) -> UserError:
     """pydantic's many-line message as one line naming the field (as config.load_config does)."""
-    from .config import _submodel
-
     first = err.errors()[0]
     loc = [section, *[str(p) for p in first["loc"]]]
     where = f"RUN_DIR config.yaml {'.'.join(loc)}"
@@ -436,8 +435,6 @@ def before_after_samples(run_dir: str | Path) -> Path:
 def texts(run_dir: str | Path, limit: int | None = None) -> Path:
     """`before_after.md`: for each eval prompt and seed, the base model's text and the tuned
     model's, each with its scores."""
-    from .checkpoint import write_text_atomically
-
     run_dir = Path(run_dir)
     base, tuned = _eval_dirs(run_dir)
     pairs = list(zip(rows(base), rows(tuned)))[:limit]
@@ -501,7 +498,5 @@ def grid_image(run_dir: str | Path, per_row: int = 8, max_rows: int = 4, scale: 
     for block, (title, images) in enumerate((("before", before), ("after", after))):
         top = block * block_h
         draw.text((2, top), title, fill="black")
-        for i, image in enumerate(images):
-            x, y = (i % per_row) * pitch_x, top + label + (i // per_row) * pitch_y
-            canvas.paste(image.resize((tw, th), Image.NEAREST), (x, y))
+        paste_grid(canvas, images, per_row, (pitch_x, pitch_y), origin=(0, top + label), size=(tw, th))
     return canvas

@@ -30,6 +30,8 @@ from typing import Any
 from .checkpoint import CHECKPOINT_FILES, write_text_atomically, writing
 from .config import read_saved_config
 from .errors import UserError, printable
+from .kinds import KINDS, kind_of
+from . import __version__
 
 try:
     import fcntl
@@ -49,9 +51,9 @@ RUN_FOLDERS = ("samples", "checkpoints", "final", "logs")  # a file in their pla
 # The files a run writes, folder by folder (`_written_in`).
 TOP_FILES = RUN_ENTRIES - set(RUN_FOLDERS)
 CHECKPOINT_DIR = re.compile(r"iter_\d{4,}")
-# diffusers' LoRA file; PEFT's adapter and config (and the model card it writes, for text runs)
-FINAL_FILES = frozenset({"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "adapter_model.safetensors",
-                         "adapter_config.json"})
+# The LoRA files of final/, whatever the run's kind (kinds.KINDS); a run's final/ may also hold
+# what its kind's library writes beside them (`_final_files`)
+FINAL_FILES = frozenset().union(*(kind.final_files for kind in KINDS.values()))
 SAMPLE_FILE = re.compile(r"\d{4,}\.png")  # a backend's numbered picture (write_samples), even before its row
 TRACKER_FILE = re.compile(r"events\.out\.tfevents\..*")  # TensorBoard; wandb and mlflow keep to their folders
 TRACKER_DIRS = frozenset({"wandb", "mlruns"})
@@ -222,14 +224,14 @@ class RunDirectory:
 
     def keeps_in_final(self, name: str) -> bool:
         """Whether final/NAME is someone else's file, carried over when final/ is replaced."""
-        return not _written_in("final", Path(name), _saved_backend(self.path / "config.yaml") == "text")
+        return not _written_in("final", Path(name), _final_files(self.path))
 
     def written(self) -> tuple[list[Path], list[Path]]:
         """(the files a run writes that are here, the other files and links inside the run's folders).
         Nothing is followed through a symlink, and a symlink is never a run's."""
         ours: list[Path] = []
         kept: list[Path] = []
-        text_run = _saved_backend(self.path / "config.yaml") == "text"
+        final_files = _final_files(self.path)
         for entry in sorted(self.path.iterdir()):
             name = entry.name
             if name == ".lock":
@@ -240,7 +242,7 @@ class RunDirectory:
                 ours.append(entry)
             else:  # one of the run's folders
                 for path in _files_under(entry):
-                    (ours if _written_in(entry.name, path.relative_to(entry), text_run) else kept).append(path)
+                    (ours if _written_in(entry.name, path.relative_to(entry), final_files) else kept).append(path)
         return ours, kept
 
     def remove_written(self) -> list[Path]:
@@ -293,8 +295,6 @@ class RunDirectory:
                   file=sys.stderr)
         write_text_atomically(self.path / "config.yaml", config_yaml)
         if mode != "resume" or not (self.path / "run.json").exists():
-            from . import __version__
-
             write_text_atomically(self.path / "run.json", json.dumps(
                 {"command": command, "raft_diffusion": __version__, "final": final,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
@@ -339,7 +339,7 @@ class RunDirectory:
         if not directory.is_dir() or directory.is_symlink():
             return
         for path in _files_under(directory):
-            if _written_in("samples", path.relative_to(self.samples("")), text_run=False):
+            if _written_in("samples", path.relative_to(self.samples("")), FINAL_FILES):
                 path.unlink()
         _remove_empty_dirs(directory)
 
@@ -353,11 +353,13 @@ class RunDirectory:
         return directory
 
 
-def _saved_backend(path: Path) -> str | None:
+def _final_files(run: Path) -> frozenset[str]:
+    """The files the run at `run` writes in final/: the LoRA files, and its kind's extras (kinds.py)."""
     try:
-        return read_saved_config(path).get("backend")
-    except Exception:  # a damaged config.yaml: its runs' files are still recognised by name
-        return None
+        kind = kind_of(read_saved_config(run / "config.yaml").get("backend", "diffusion"))
+    except Exception:  # noqa: BLE001 - a damaged config.yaml: its runs' files are still recognised by name
+        return FINAL_FILES
+    return FINAL_FILES | kind.final_extras
 
 
 def _files_under(folder: Path) -> list[Path]:
@@ -373,7 +375,7 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _written_in(folder: str, rel: Path, text_run: bool) -> bool:
+def _written_in(folder: str, rel: Path, final_files: frozenset[str]) -> bool:
     """Whether a run writes the file at `rel` inside its folder `folder` (samples, checkpoints,
     final, logs)."""
     parts = PurePosixPath(rel.as_posix()).parts
@@ -388,7 +390,7 @@ def _written_in(folder: str, rel: Path, text_run: bool) -> bool:
         return parts == ("latest",) or (len(parts) == 2 and CHECKPOINT_DIR.fullmatch(parts[0]) is not None
                                          and name in CHECKPOINT_FILES)
     if folder == "final":
-        return len(parts) == 1 and (name in FINAL_FILES or (text_run and name == "README.md"))
+        return len(parts) == 1 and name in final_files
     if folder == "logs":
         return TRACKER_FILE.fullmatch(name) is not None or any(part in TRACKER_DIRS for part in parts[:-1])
     return False
@@ -418,10 +420,10 @@ def _rescue(leftover: Path, run: Path) -> None:
     if leftover.parent != run or not leftover.name.startswith(".old-final-") or not leftover.is_dir() \
             or not target.is_dir():
         return
-    text_run = _saved_backend(run / "config.yaml") == "text"
+    final_files = _final_files(run)
     for path in _files_under(leftover):
         rel = path.relative_to(leftover)
-        if not _written_in("final", rel, text_run):
+        if not _written_in("final", rel, final_files):
             destination = target / rel
             if not destination.exists():
                 destination.parent.mkdir(parents=True, exist_ok=True)

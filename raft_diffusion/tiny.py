@@ -182,3 +182,26 @@ def tiny_sd3_pipeline(seed: int = 0, latent_scale: int = 8) -> StableDiffusion3P
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
         part.eval()
     return pipe
+
+
+# builtin:NAME (model_registry.DIFFUSION_BUILTINS): random, built on the fly, cast after building
+
+
+def builtin_tiny_sd(dtype: torch.dtype, field: str) -> StableDiffusionPipeline:
+    return _cast(tiny_pipeline(prediction_type="epsilon"), dtype)
+
+
+def builtin_tiny_sd_v(dtype: torch.dtype, field: str) -> StableDiffusionPipeline:
+    return _cast(tiny_pipeline(prediction_type="v_prediction"), dtype)
+
+
+def builtin_tiny_sd3(dtype: torch.dtype, field: str) -> StableDiffusion3Pipeline:
+    return _cast(tiny_sd3_pipeline(), dtype)
+
+
+def builtin_sd15_random(dtype: torch.dtype, field: str) -> StableDiffusionPipeline:
+    return sd15_random_pipeline(dtype=dtype)
+
+
+def _cast(pipe, dtype: torch.dtype):
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

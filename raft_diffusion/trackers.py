@@ -23,6 +23,7 @@ from PIL import Image
 
 from .config import RunConfig, config_to_yaml
 from .errors import UserError
+from .images import grid as image_grid
 from .report import pictures as _pictures
 from .report import rows as _rows
 
@@ -128,7 +129,7 @@ def _log_eval(accelerator, directory: Path, evaluation: dict[str, Any], step: in
         return
     if "file" in rows[0]:
         # decoded and checked as the report does: a file inside the folder, a picture PIL reads whole
-        grid = tile(_pictures(directory, rows[:GRID_IMAGES]))
+        grid = image_grid(_pictures(directory, rows[:GRID_IMAGES]))
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("eval/samples", np.asarray(grid), step, dataformats="HWC")
@@ -156,16 +157,6 @@ def _markdown(columns: list[str], data: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in data]
     return "\n".join(lines)
-
-
-def tile(images: list[Image.Image], per_row: int = 8, gap: int = 2) -> Image.Image:
-    """Images of one size in rows of `per_row` on a white canvas."""
-    w, h = images[0].size
-    n_rows = -(-len(images) // per_row)
-    canvas = Image.new("RGB", (min(per_row, len(images)) * (w + gap) - gap, n_rows * (h + gap) - gap), "white")
-    for i, image in enumerate(images):
-        canvas.paste(image, ((i % per_row) * (w + gap), (i // per_row) * (h + gap)))
-    return canvas
 
 
 def end(accelerator) -> None:

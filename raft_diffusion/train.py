@@ -22,6 +22,11 @@ from .precision import check_launcher
 from .prompts import load_prompts
 from .rewards import check_name, check_reads
 from .run_dir import RunDirectory
+from .checkpoint import write_text_atomically
+from .experts import Experts
+from .kinds import build_backend, kind_of
+from .loop import evaluate, raft
+from .rewards.compose import RewardSet
 
 
 def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool = False,
@@ -37,7 +42,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     train_prompts = load_prompts(config.prompts.train, "config prompts.train", search)
     eval_prompts = (load_prompts(config.prompts.eval, "config prompts.eval", search)
                     if config.prompts.eval is not None else train_prompts)
-    outputs = "images" if config.backend == "diffusion" else "texts"
+    outputs = kind_of(config).outputs
     for i, spec in enumerate(config.rewards):
         check_name(spec.name, f"config rewards.{i}.name")
         check_reads(spec.name, outputs, f"config rewards.{i}.name")
@@ -50,8 +55,6 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
                         "keep top <= generation.samples_per_prompt (plus the experts' per_prompt)")
     experts = None
     if config.generation.experts:
-        from .experts import Experts
-
         # Folders read and checked (every row's file inside its folder, every picture decoded), model
         # paths too: before any model loads, before the run's directory is claimed.
         experts = Experts(config, search)
@@ -78,8 +81,6 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
         run.abandon()
         raise
 
-    from .loop import raft
-
     try:
         if main:
             ema = config.training.ema_decay
@@ -104,7 +105,7 @@ def check_memory(config: RunConfig, n_eval_prompts: int, experts=None) -> None:
     policy's samples_per_prompt and each expert's per_prompt, a folder's no more than its rows, times
     prompts_per_iteration), plus, when it evaluates (eval.every > 0), an evaluation's samples; the
     refusal names the field of the largest share."""
-    if config.backend != "diffusion":
+    if kind_of(config).output != "image":  # what a text sample holds is small
         return
     gen = config.generation
     b, K = config.raft.prompts_per_iteration, gen.samples_per_prompt
@@ -163,9 +164,6 @@ def evaluate_reference(config: RunConfig, resolution: int, *, search: Sequence[P
     """
     import json
 
-    from .checkpoint import write_text_atomically
-    from .loop import evaluate
-
     config = config.model_copy(deep=True)
     config.generation.resolution = resolution
     eval_prompts = load_prompts(config.prompts.eval if config.prompts.eval is not None else config.prompts.train,
@@ -182,9 +180,6 @@ def evaluate_reference(config: RunConfig, resolution: int, *, search: Sequence[P
 def _build(config: RunConfig):
     """(accelerator, backend, training rewards, judges) of a run: the model and every reward loaded once."""
     import torch
-
-    from .backends import build_backend
-    from .rewards.compose import RewardSet
 
     # training.mixed_precision is the backends' own (precision.py): accelerate would scale fp16 a second time.
     accelerator = Accelerator(mixed_precision="no", cpu=not _cuda_wanted(), **trackers.accelerator_options(config))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .checkpoint import write_file_atomically
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -64,8 +65,6 @@ def _reason(error: Exception) -> str:
 
 def canonicalize_safetensors(path: str | Path) -> None:
     """Rewrite a safetensors file with its header in a fixed order (`canonical_safetensors`)."""
-    from .checkpoint import write_file_atomically
-
     path = Path(path)
     raw = path.read_bytes()
     write_file_atomically(path, lambda tmp: tmp.write_bytes(canonical_safetensors(raw)))

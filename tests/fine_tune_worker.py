@@ -7,7 +7,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from raft_diffusion.backends import fine_tune
+from raft_diffusion.backends.training import fine_tune
 from raft_diffusion.config import TrainingConfig
 from raft_diffusion.distributed import pad_to, share
 from raft_diffusion.precision import Precision

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raft_diffusion.backends.diffusion import DiffusionBackend, encode_images
+from raft_diffusion.backends.diffusion import DiffusionBackend
+from raft_diffusion.backends.sampling import encode_images
 from raft_diffusion.backends.text import TextBackend
 from raft_diffusion.paths import ASSETS
 from raft_diffusion.train import run_training
@@ -45,9 +46,9 @@ def spy_on_training(monkeypatch, backend_class):
     seen = []
     original = backend_class.train
 
-    def train(self, samples, generator):
+    def train(self, samples, generator, old_policy=None):
         seen.append((self, samples))
-        return original(self, samples, generator)
+        return original(self, samples, generator, old_policy)
 
     monkeypatch.setattr(backend_class, "train", train)
     return seen

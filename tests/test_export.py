@@ -22,7 +22,8 @@ def _images(pipe) -> torch.Tensor:
 def test_merged_pipeline_gives_the_lora_pipelines_images(finished_run, tmp_path, capfd):
     from diffusers import StableDiffusionPipeline
 
-    from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+    from raft_diffusion.backends.loading import load_pipeline
+    from raft_diffusion.backends.lora_io import load_lora
 
     out = tmp_path / "merged"
     result = run_in_process(capfd, "export", str(finished_run), "--format", "merged", "--out", str(out))
@@ -43,7 +44,7 @@ def test_merged_pipeline_gives_the_lora_pipelines_images(finished_run, tmp_path,
 def test_merged_at_scale_0_is_the_base_model(finished_run, tmp_path, capfd):
     from diffusers import StableDiffusionPipeline
 
-    from raft_diffusion.backends.diffusion import load_pipeline
+    from raft_diffusion.backends.loading import load_pipeline
 
     out = tmp_path / "merged0"
     assert run_in_process(capfd, "export", str(finished_run), "--format", "merged", "--scale", "0",
@@ -61,7 +62,8 @@ def test_merged_single_file_loads_with_from_single_file_and_gives_the_lora_pipel
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+    from raft_diffusion.backends.loading import load_pipeline
+    from raft_diffusion.backends.lora_io import load_lora
 
     out = tmp_path / "merged.safetensors"
     result = run_in_process(capfd, "export", str(finished_run), "--format", "merged", "--out", str(out))

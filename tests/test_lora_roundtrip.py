@@ -93,7 +93,8 @@ def test_legacy_mixed_name_lora_loads_every_layer(tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+    from raft_diffusion.backends.loading import load_pipeline
+    from raft_diffusion.backends.lora_io import load_lora
 
     targets = _demo_targets("toy-monet-cat.yaml")
     unet = load_pipeline("builtin:tiny-sd").unet

@@ -31,11 +31,13 @@ def _demo_tiny(out):
 def _demo_tiny_before_the_seam(out, monkeypatch, order=list):
     """`_demo_tiny` with the loop's step 4 as it was at commit 83d0e44: `backend.train(samples.select(chosen))`,
     the selection (put in `order`) and no weights."""
+    import raft_diffusion.distributed as distributed
     import raft_diffusion.loop as loop
 
     with monkeypatch.context() as m:
         m.setattr(loop, "targets", lambda scores, groups, chosen, cfg: list(chosen))
-        m.setattr(loop, "training_samples", lambda samples, chosen, n, accelerator: samples.select(order(chosen)))
+        m.setattr(distributed, "training_samples",
+                  lambda samples, chosen, n, accelerator: samples.select(order(chosen)))
         return _demo_tiny(out)
 
 
@@ -155,12 +157,12 @@ def test_text_anchor_is_zero_at_start_and_positive_after_a_step(text_config):
 
 @pytest.mark.parametrize("backend_name", ["diffusion", "text"])
 def test_reward_weighted_runs_end_to_end_with_the_anchor(tiny_config, text_config, backend_name, monkeypatch):
-    import raft_diffusion.loop as loop
+    import raft_diffusion.distributed as distributed
     from raft_diffusion.train import run_training
 
     trained = []
-    make = loop.training_samples
-    monkeypatch.setattr(loop, "training_samples", lambda *args: trained.append(make(*args)) or trained[-1])
+    make = distributed.training_samples
+    monkeypatch.setattr(distributed, "training_samples", lambda *args: trained.append(make(*args)) or trained[-1])
     config = (tiny_config if backend_name == "diffusion" else text_config)(
         training={"objective": "reward_weighted", "beta": 0.5, "anchor_weight": 0.1, "batch_size": 2},
         raft={"iterations": 1, "prompts_per_iteration": 2, "seed": 0})
@@ -227,7 +229,6 @@ def test_negative_aware_with_r_1_is_a_positive_loss_on_the_mixed_policy(tiny_con
     from raft_diffusion.ema import LoraEMA
 
     ema = LoraEMA(backend.lora_params, 0.5)
-    backend.old_policy = ema
     samples = backend.generate(["a red square", "a blue star"], [1, 2])
     backend.train(samples, torch.Generator().manual_seed(0))  # the LoRA moves away from its EMA (the start)
     pred, old, target = torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -242,7 +243,7 @@ def test_negative_aware_with_r_1_is_a_positive_loss_on_the_mixed_policy(tiny_con
     t = torch.tensor([300, 600])
     noisy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        assert not torch.allclose(backend._old_prediction(noisy, t, text),
+        assert not torch.allclose(backend._old_prediction(ema, noisy, t, text),
                                   backend.family.predict(backend._denoiser(), noisy, t, text))
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from raft_diffusion.cli import main
-from raft_diffusion.distributed import pad_to, rank_seed, share, training_generator
+from raft_diffusion.distributed import pad_to, share, training_generator
+from raft_diffusion.seeds import rank_seed
 from raft_diffusion.objectives import Targets
 from raft_diffusion.protocols import Samples
 
@@ -60,7 +61,7 @@ def _samples(n: int, offset: int) -> Samples:
 
 @pytest.mark.parametrize("weights", [None, [0.5, 2.0, 1.5]])
 def test_each_process_trains_on_what_it_holds_padded_at_weight_zero(weights):
-    from raft_diffusion.loop import training_samples
+    from raft_diffusion.distributed import training_samples
 
     n, chosen = 8, Targets([1, 2, 6], None if weights is None else np.array(weights), None)
     parts = []
@@ -76,7 +77,7 @@ def test_each_process_trains_on_what_it_holds_padded_at_weight_zero(weights):
 
 
 def test_a_process_holding_no_target_trains_on_zero_weight_repeats():
-    from raft_diffusion.loop import training_samples
+    from raft_diffusion.distributed import training_samples
 
     chosen = Targets([0, 1], None, np.array([1.0, 0.25]))
     second = training_samples(_samples(3, 3), chosen, 6, FakeAccelerator(1, 2))

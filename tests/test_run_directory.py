@@ -10,7 +10,8 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from raft_diffusion.backends.diffusion import encode_prompts, generate_latents, load_pipeline, make_scheduler
+from raft_diffusion.backends.loading import load_pipeline, make_scheduler
+from raft_diffusion.backends.sampling import encode_prompts, generate_latents
 from raft_diffusion.rewards.jpeg import to_uint8
 from raft_diffusion.train import run_training
 

@@ -10,7 +10,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+from raft_diffusion.backends.loading import load_pipeline
+from raft_diffusion.backends.lora_io import load_lora
 from raft_diffusion.backends.families import StableDiffusion3
 from raft_diffusion.cli import main
 from raft_diffusion.errors import UserError
@@ -108,7 +109,7 @@ def test_a_local_sd3_directory_without_tokenizers_loads(tmp_path):
 def test_an_sd3_single_file_is_told_apart_from_sd1(tmp_path):
     from safetensors.torch import save_file
 
-    from raft_diffusion.backends.diffusion import _single_file_class
+    from raft_diffusion.backends.loading import _single_file_class
 
     save_file({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2)}, tmp_path / "sd3.safetensors")
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, tmp_path / "sd1.safetensors")

@@ -25,7 +25,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from raft_diffusion.backends.diffusion import load_lora, load_pipeline
+from raft_diffusion.backends.loading import load_pipeline
+from raft_diffusion.backends.lora_io import load_lora
 from raft_diffusion.errors import UserError
 from raft_diffusion.lora_formats import KOHYA_FILE, sd3_kohya_state_dict, sd3_module, write_sd3_kohya
 from raft_diffusion.train import run_training

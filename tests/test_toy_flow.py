@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from raft_diffusion.backends.diffusion import encode_prompts, load_pipeline
+from raft_diffusion.backends.loading import load_pipeline
+from raft_diffusion.backends.sampling import encode_prompts
 from raft_diffusion.config import GenerationConfig
 from raft_diffusion.paths import ASSETS
 from raft_diffusion.tokenizer import clip_tokenizer
@@ -33,7 +34,7 @@ def test_the_asset_loads_as_sd3_with_the_toy_vae_and_text_encoder(tmp_path):
     pipe = load_pipeline(str(_asset(tmp_path)))
     sd = load_pipeline("builtin:toy-shapes")
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
-    assert pipe.text_encoder is pipe.text_encoder_2 and pipe.t5_tokens == train_flow.T5_TOKENS == 0
+    assert pipe.text_encoder is pipe.text_encoder_2 and pipe.config["_t5_tokens"] == train_flow.T5_TOKENS == 0
     assert all(torch.equal(a, b.float()) for a, b in zip(pipe.vae.parameters(), sd.vae.parameters()))
     # the toy CLIPTextModel's weights, and an identity projection: its pooled output is the EOS hidden state
     ids = clip_tokenizer()(["a red cat in monet style"], padding="max_length", max_length=77,

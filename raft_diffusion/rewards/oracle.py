@@ -18,13 +18,12 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import UserError
+from ..toyworld import oracle as toy_oracle
 
 
 def oracle(weights: str | None = None, attributes: Sequence[str] | None = None,
            device: torch.device | str = "cpu", field: str = "options"):
     """Reward = 1.0 per image whose shape, colour and style (as far as its prompt names them) are right, else 0.0."""
-    from ..toyworld import oracle as toy_oracle
-
     known = tuple(toy_oracle.CLASSES)
     if attributes is not None:
         if isinstance(attributes, str) or not attributes or any(a not in known for a in attributes):

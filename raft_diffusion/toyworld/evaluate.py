@@ -17,12 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from diffusers import StableDiffusionPipeline
 
 from ..paths import PROMPTS
 from ..tiny import sd_scheduler
 from . import oracle
 from .data import COLOURS, SHAPES, STYLES, TEMPLATES, Scene
+from ..backends.loading import load_pipeline
+from ..backends.sampling import encode_prompts, generate_latents
+from ..config import GenerationConfig
+from ..tokenizer import clip_tokenizer
+from .train_sd import make_text_encoder, make_unet, make_vae
+from ..images import grid
 
 MONET_CAT_PROMPTS = PROMPTS / "toy/monet_cat.txt"
 
@@ -43,9 +50,6 @@ def pipeline_from_cache(cache: Path) -> StableDiffusionPipeline:
     """The pipeline of an unfinished training run, from its latest checkpoints (for a look mid-way)."""
     from safetensors.torch import load_file
 
-    from ..tokenizer import clip_tokenizer
-    from .train_sd import make_text_encoder, make_unet, make_vae
-
     vae, unet, text = make_vae(), make_unet(), make_text_encoder()
     vae.load_state_dict(load_file(str(cache / "vae/vae.safetensors")))
     vae.register_to_config(scaling_factor=float(load_file(str(cache / "latents.safetensors"))["scale"]))
@@ -62,9 +66,6 @@ def pipeline_from_cache(cache: Path) -> StableDiffusionPipeline:
 def measure(pipe: StableDiffusionPipeline, prompts: list[str], per_prompt: int, resolution: int,
             steps: int = 25, guidance: float = 4.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Oracle accuracy (all prompted attributes, and each one) of `per_prompt` images per prompt."""
-    from ..backends.diffusion import encode_prompts, generate_latents
-    from ..config import GenerationConfig
-
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
     gen = GenerationConfig(resolution=resolution, steps=steps, guidance_scale=guidance, batch_size=32)
     cond, uncond = encode_prompts(pipe, all_prompts, gen)
@@ -85,12 +86,8 @@ def measure(pipe: StableDiffusionPipeline, prompts: list[str], per_prompt: int, 
 
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int = 16) -> None:
-    from PIL import Image
-
     arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    rows = [np.concatenate(list(arr[i:i + per_row]) + [np.zeros_like(arr[0])] * (per_row - len(arr[i:i + per_row])), 1)
-            for i in range(0, len(arr), per_row)]
-    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    grid([Image.fromarray(a) for a in arr], per_row, gap=0, background="black").save(path)
 
 
 def main() -> None:
@@ -106,8 +103,6 @@ def main() -> None:
     if args.cache is not None:
         pipe = pipeline_from_cache(args.cache)
     else:
-        from ..backends.diffusion import load_pipeline
-
         pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     args.out.mkdir(parents=True, exist_ok=True)

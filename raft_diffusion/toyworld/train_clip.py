@@ -48,6 +48,9 @@ import torch.nn.functional as F
 from . import degrade
 from .data import BLOB, COLOURS, JUDGE_WORLD, SHAPES, STYLES, TEMPLATES, TEMPLATES_NO_COLOUR, Scene, dataset, \
     sample_scene, render
+from ..checkpoint import write_dir_atomically, write_text_atomically
+from ..rewards.clip import AestheticHead, _root_logger_quiet
+from ..weights import canonicalize_safetensors, read_tensors
 
 MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,
@@ -111,8 +114,6 @@ def create(folder: Path) -> tuple[Any, Any, Any]:
     """(model, eval preprocess, tokenizer) of the architecture in `folder`, random weights."""
     import open_clip
 
-    from ..rewards.clip import _root_logger_quiet
-
     with _root_logger_quiet():  # open_clip warns on the root logger that the weights are random: they are meant to be
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}", load_weights=False)
     return model, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
@@ -168,8 +169,6 @@ def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
     """Model (safetensors), optimizer (torch.save of tensors, read back weights_only) and step, atomically."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import write_dir_atomically, write_text_atomically
-
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -188,8 +187,6 @@ def save_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
 def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer,
                     fingerprint: str) -> tuple[int, float]:
     """(step, elapsed seconds) of the latest checkpoint in `folder`, loaded; (0, 0) if there is none."""
-    from ..weights import read_tensors
-
     latest = folder / "latest"
     if not latest.is_file():
         return 0, 0.0
@@ -325,8 +322,6 @@ def save_clip(model: Any, folder: Path) -> Path:
     """fp16 weights next to the config; the model keeps the fp16-rounded values, as users load them."""
     from safetensors.torch import save_file
 
-    from ..weights import canonicalize_safetensors
-
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     path = folder / "open_clip_model.safetensors"
     save_file(state, str(path), metadata={"format": "pt", "what": "raft-diffusion toy CLIP (open_clip)"})
@@ -447,8 +442,6 @@ def aesthetic_data(model: Any, preprocess: Any, n: int, variants: int, seed: int
 
 def train_aesthetic(model: Any, preprocess: Any, args: argparse.Namespace, log):
     """The LAION-layout head on the toy CLIP's embeddings, regressed onto the damage grades."""
-    from ..rewards.clip import AestheticHead
-
     t0 = time.time()
     x, y = aesthetic_data(model, preprocess, args.aesthetic_n, args.aesthetic_variants, seed=args.seed + 500_009)
     log(f"aesthetic data: {len(x)} embeddings in {time.time() - t0:.0f} s")
@@ -479,8 +472,6 @@ def train_aesthetic(model: Any, preprocess: Any, args: argparse.Namespace, log):
 
 def save_head(head: torch.nn.Module, path: Path) -> Path:
     from safetensors.torch import save_file
-
-    from ..weights import canonicalize_safetensors
 
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path),
               metadata={"format": "pt", "what": "raft-diffusion toy aesthetic head (LAION layout)"})

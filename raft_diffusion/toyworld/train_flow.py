@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..backends.loading import load_pipeline
 from ..checkpoint import write_dir_atomically
 from ..tiny import flow_scheduler, tiny_sd3_transformer
+from .models import text_encoder_with_projection
 from .train_sd import RESOLUTION, arguments, load_data, load_stage, to_tensor, train_stage
 
 # (last step, sigma shift) of each training phase: a cosine learning-rate cycle each, resumed from
@@ -52,25 +54,8 @@ def make_transformer():
                                 layers=6, heads=4, head_dim=32)
 
 
-def text_encoder_with_projection(text_encoder):
-    """The toy CLIPTextModel as SD 3's CLIPTextModelWithProjection: the same weights, an identity
-    projection (its pooled output is the EOS token's hidden state)."""
-    from transformers import CLIPTextModelWithProjection
-
-    config = text_encoder.config.to_dict()
-    config["projection_dim"] = config["hidden_size"]
-    config.pop("architectures", None)
-    projected = CLIPTextModelWithProjection(type(text_encoder.config).from_dict(config))
-    projected.text_model.load_state_dict(text_encoder.state_dict())  # strict: every weight, the same names
-    with torch.no_grad():
-        projected.text_projection.weight.copy_(torch.eye(config["hidden_size"]))
-    return projected.to(text_encoder.dtype).eval()
-
-
 def frozen_parts():
     """The shipped toy SD's VAE and text encoder, float32, frozen."""
-    from ..backends.diffusion import load_pipeline
-
     sd = load_pipeline("builtin:toy-shapes")
     vae, text = sd.vae.float().eval(), text_encoder_with_projection(sd.text_encoder.float())
     for part in (vae, text):

@@ -1,0 +1,113 @@
+"""Sampling a diffusers pipeline as RAFT does: prompts encoded once each, one CPU generator per
+sample (its noise depends on its seed alone), final latents kept beside the decoded images; and
+images encoded back to latents (expert candidates)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from ..config import GenerationConfig, RunConfig
+from .families import Cond, family_of
+from .loading import check_resolution, load_pipeline, make_scheduler
+from .lora_io import load_lora
+
+@torch.inference_mode()
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents -> images (N, 3, H, W) in [0, 1], float32."""
+    vae = pipe.vae
+    scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        scaled = scaled + vae.config.shift_factor
+    images = vae.decode(scaled).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+@torch.inference_mode()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], gen: GenerationConfig
+                   ) -> tuple[Cond, Cond | None]:
+    """The encodings of prompts and of the negative prompt (None without guidance), each distinct
+    text encoded once: {"prompt_embeds": (N, L, D)}, plus "pooled_prompt_embeds" (N, P) for SD 3."""
+    unique = list(dict.fromkeys(prompts))
+    guided = gen.guidance_scale > 1
+    cond, uncond = family_of(pipe).encode(pipe, unique, guided, gen.negative_prompt)
+    where = torch.tensor([unique.index(p) for p in prompts], device=cond["prompt_embeds"].device)
+    return take_cond(cond, where), (take_cond(uncond, where) if uncond is not None else None)
+
+
+def take_cond(cond: Cond, index) -> Cond:
+    return {k: v[index] for k, v in cond.items()}
+
+
+@torch.inference_mode()
+def generate_latents(pipe: StableDiffusionPipeline, cond: Cond, uncond: Cond | None,
+                     seeds: list[int], gen: GenerationConfig, desc: str = "generate", show: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final latents (N, 4, h, w) and decoded images (N, 3, H, W) in [0, 1], both on the CPU.
+
+    One CPU generator per sample, so a sample's initial noise depends on its seed alone (and is the
+    same on CPU and CUDA); batches of `gen.batch_size` mix prompts.
+    """
+    latents, images = [], []
+    options = family_of(pipe).call_options(gen)
+    bar = tqdm(total=len(seeds), desc=desc, unit="img", leave=False, disable=None if show else True)
+    for idx in _chunks(len(seeds), gen.batch_size):
+        negative = {f"negative_{k}": v for k, v in take_cond(uncond, idx).items()} if uncond is not None else {}
+        out = pipe(
+            **take_cond(cond, idx), **negative,
+            height=gen.resolution, width=gen.resolution,
+            num_inference_steps=gen.steps, guidance_scale=gen.guidance_scale, **options,
+            generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in idx],
+            output_type="latent",
+        )
+        latents.append(out.images.float().cpu())
+        images.append(decode_latents(pipe, out.images).cpu())
+        bar.update(len(idx))
+    bar.close()
+    return torch.cat(latents), torch.cat(images)
+
+
+@torch.inference_mode()
+def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] -> scaled latents (N, C, h, w) on the CPU: the VAE posterior's
+    mean (deterministic), shifted and scaled as the denoiser sees latents (`decode_latents` undone)."""
+    vae, out = pipe.vae, []
+    for idx in _chunks(len(images), batch_size):
+        mean = vae.encode(images[idx].to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+        if getattr(vae.config, "shift_factor", None):
+            mean = mean - vae.config.shift_factor
+        out.append((mean * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield list(range(start, min(n, start + size)))
+
+
+class DiffusionExpert:
+    """Another diffusers pipeline that adds candidates (`generation.experts: [{model: ...}]`): sampled
+    at the run's resolution with the run's generation settings (its `steps` and `guidance_scale` if
+    given; an SD 3 expert with its own Euler sampler), with its `lora` attached if given (every layer,
+    as `generate --lora` attaches it), frozen, never trained."""
+
+    def __init__(self, spec, config: RunConfig, device, field: str):
+        pipe = load_pipeline(spec.model, config.model.dtype, field=field)
+        check_resolution(pipe, config.generation.resolution, field)
+        if spec.lora is not None:
+            load_lora(pipe, Path(spec.lora), field.rpartition(".")[0] + ".lora", f"the expert's model {spec.model}")
+        self.gen = config.generation.model_copy(update={k: getattr(spec, k) for k in ("steps", "guidance_scale")
+                                                         if getattr(spec, k) is not None})
+        pipe.scheduler = make_scheduler(pipe, self.gen.scheduler)  # SD 3: its own Euler, no eta
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                part.requires_grad_(False).eval()
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device)
+
+    def generate(self, prompts: list[str], seeds: list[int], desc: str) -> torch.Tensor:
+        cond, uncond = encode_prompts(self.pipe, prompts, self.gen)
+        return generate_latents(self.pipe, cond, uncond, seeds, self.gen, desc)[1]
