@@ -288,34 +288,11 @@ def generate(
     if taken:
         raise UserError("--out", f"{taken[0]} exists", "choose another --out or --seed")
     _quiet_libraries()
-    import torch
+    from .inference import generate_images
 
-    from .backends.loading import check_resolution, load_pipeline, make_scheduler, native_resolution
-    from .backends.lora_io import load_lora
-    from .backends.sampling import encode_prompts, generate_latents
-    from .backends.families import family_of
-    from .config import GenerationConfig
-    from .rewards.jpeg import to_uint8
-
-    pipe = load_pipeline(model, field="--model")
-    resolution = native_resolution(pipe) if resolution is None else resolution
-    check_resolution(pipe, resolution, "--resolution")
-    if lora is not None:
-        load_lora(pipe, lora, "--lora")
-    pipe.scheduler = make_scheduler(pipe, scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-    gen = GenerationConfig(resolution=resolution, steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                           eta=eta, negative_prompt=negative_prompt, batch_size=batch_size)
-    family_of(pipe).check_generation(gen, "--scheduler", "--eta")
-    # Every image holds its own copy of the prompt's encodings too: measured on one, before n are made.
-    one = [part for part in encode_prompts(pipe, [prompt], gen) if part is not None]
-    _check_generate_memory(n, resolution, sum(t.nelement() * t.element_size() for c in one for t in c.values()))
-    names = [out / f"{seed + i:06d}.png" for i in range(n)]
-    seeds = [seed + i for i in range(n)]
-    cond, uncond = encode_prompts(pipe, [prompt] * n, gen)
-    images = to_uint8(generate_latents(pipe, cond, uncond, seeds, gen)[1])
-    _write_images(images, names)
+    generate_images(model, prompt, out, lora, n, resolution, seed, check_memory=_check_generate_memory,
+                    steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, eta=eta,
+                    negative_prompt=negative_prompt, batch_size=batch_size)
 
 
 def _check_generate_options(n: int, resolution: int | None, steps: int, guidance_scale: float, scheduler: str,
@@ -415,29 +392,6 @@ def _check_lora_finite(path: Path) -> None:
                         f"tensors, e.g. {bad[0]}", "pass the final/ of a run that did not diverge")
 
 
-def _write_images(images, names: list[Path]) -> None:
-    """All the PNG files, or none: each is written under a hidden name, then all are renamed."""
-    from PIL import Image
-
-    out = names[0].parent
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = [path.with_name(f".tmp-{path.name}") for path in names]
-    try:
-        for array, tmp in zip(images, temporary):
-            Image.fromarray(array).save(tmp, format="PNG")
-    except BaseException:
-        for tmp in temporary:
-            tmp.unlink(missing_ok=True)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
-    for tmp, path in zip(temporary, names):
-        os.replace(tmp, path)
-        print(_printable(str(path)))  # a folder name's terminal escape sequence is shown, not run
-
-
 @app.command()
 def score(
     images: list[Path] = typer.Argument(..., help="Image files."),
@@ -461,23 +415,13 @@ def score(
     _quiet_libraries()
     import torch
 
+    from .inference import score_images
     from .rewards import build_reward
 
     tensors = [read_image(path) for path in images]  # before the reward's models: its errors come cheap
     fn = build_reward(reward, options, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                       field="--reward")
-    # Batch images of one size together (a batch is one tensor); print in the order given.
-    scores: list[float] = [0.0] * len(tensors)
-    by_size: dict[tuple[int, ...], list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_size.setdefault(tuple(t.shape), []).append(i)
-    with torch.inference_mode():
-        for indices in by_size.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start:start + batch_size]
-                batch_scores = fn(torch.stack([tensors[i] for i in chunk]), [prompt] * len(chunk))
-                for i, value in zip(chunk, batch_scores):
-                    scores[i] = float(value)
+    scores = score_images(tensors, fn, prompt, batch_size)
     for value in scores:
         print(f"{value:.6g}")
 

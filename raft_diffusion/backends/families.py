@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
                        StableDiffusion3Pipeline, StableDiffusionPipeline)
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from ..config import GenerationConfig
 from ..errors import UserError
@@ -152,7 +153,8 @@ class StableDiffusion3(StableDiffusion):
     def noised(self, sched, x0: torch.Tensor, generator: torch.Generator, device) -> tuple[torch.Tensor, ...]:
         n = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator)
-        u = torch.sigmoid(torch.normal(self.logit_mean, self.logit_std, (n,), generator=generator))
+        u = compute_density_for_timestep_sampling("logit_normal", n, self.logit_mean, self.logit_std,
+                                                  generator=generator)
         index = (u * sched.config.num_train_timesteps).long().clamp(max=len(sched.sigmas) - 1)
         sigma = sched.sigmas[index].view(n, *([1] * (x0.ndim - 1))).to(x0.dtype)
         noisy = (1 - sigma) * x0 + sigma * noise
