@@ -810,7 +810,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             having = [m for m in models if m is not None and part in m.model_fields]
             if not having:
                 if i == 1 and parts[0] == "training" and part in MOVED_TRAINING_FIELDS:
-                    raise _moved(part, raw, own)
+                    try:
+                        value = read_yaml(raw, MAX_YAML_DEPTH - len(parts))
+                    except (yaml.YAMLError, YamlRefused):
+                        value = raw
+                    raise _moved(part, value, own)
                 model = next((m for m in models if m is not None), None)
                 allowed = ", ".join(model.model_fields) if model else "none"
                 raise UserError("--set", f"unknown key {key!r}", f"allowed at this level: {allowed}")
