@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_origin
 
@@ -553,7 +552,7 @@ def migrate_saved_config(data: Any) -> Any:
     was split by backend lists every field of both backends, defaults included, and the objectives'
     knobs under their flat names (training.beta, nft_beta, nft_advantage_clip). The other backend's
     fields at their defaults are dropped and the knobs moved to their blocks, so that --resume
-    compares the run's config with today's; what is anything else is left for validation to name."""
+    compares the run's config with today's; anything else is left for validation to name."""
     if not isinstance(data, dict):
         return data
     backend = data.get("backend", "diffusion")
