@@ -295,35 +295,68 @@ def generate(
                     negative_prompt=negative_prompt, batch_size=batch_size)
 
 
+# The `generate` options that are fields of the image generation config: field -> (flag, what the
+# value counts, the fix). `_check_generate_options` validates them with the model, so the limits
+# are the config's own (generation.steps > 0, generation.eta in [0, 1], ...).
+_GENERATE_FLAGS = {
+    "steps": ("--steps", " denoising steps", "use at least 1, e.g. 20"),
+    "resolution": ("--resolution", " pixels", "use a positive multiple of the model's latent scale, or leave it out "
+                   "for the model's own size"),
+    "guidance_scale": ("--guidance-scale", "", "use e.g. 7.5, or 1 for no guidance"),
+    "scheduler": ("--scheduler", "", "use one of: {choices}"),
+    "eta": ("--eta", "", "use a value from 0 (deterministic) to 1"),
+    "batch_size": ("--batch-size", "", "use a positive batch size"),
+}
+
+
 def _check_generate_options(n: int, resolution: int | None, steps: int, guidance_scale: float, scheduler: str,
                             eta: float, batch_size: int) -> None:
-    """Refuse, before any model loads, the values that would fail late or give black images."""
-    import math
-    import typing
+    """Refuse, before any model loads, the values that would fail late or give black images: the
+    image generation config validates them, and its first error is one line naming the flag."""
+    from pydantic import ValidationError
 
-    from .config import GenerationConfig
+    from .config import DiffusionGenerationConfig
 
-    schedulers = typing.get_args(GenerationConfig.model_fields["scheduler"].annotation)  # the config's choices
     if n <= 0:
         raise UserError("-n", f"{n} images", "ask for at least 1")
-    if steps <= 0:
-        raise UserError("--steps", f"{steps} denoising steps", "use at least 1, e.g. 20")
-    if resolution is not None and resolution <= 0:
-        raise UserError("--resolution", f"{resolution} pixels", "use a positive multiple of the model's latent "
-                        "scale, or leave it out for the model's own size")
-    largest = next(m.le for m in GenerationConfig.model_fields["resolution"].metadata if hasattr(m, "le"))
-    if resolution is not None and resolution > largest:
-        raise UserError("--resolution", f"{resolution} pixels is more than {largest}, the largest image side "
-                        "generation.resolution allows", "use e.g. 512, or leave it out for the model's own size")
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise UserError("--guidance-scale", f"{guidance_scale} is not a finite value >= 0",
-                        "use e.g. 7.5, or 1 for no guidance")
-    if scheduler not in schedulers:
-        raise UserError("--scheduler", f"unknown scheduler {scheduler!r}", f"use one of: {', '.join(schedulers)}")
-    if not 0 <= eta <= 1:
-        raise UserError("--eta", f"{eta} is not in [0, 1]", "use a value from 0 (deterministic) to 1")
-    if batch_size <= 0:
-        raise UserError("--batch-size", f"{batch_size}", "use a positive batch size")
+    values = {"steps": steps, "resolution": resolution, "guidance_scale": guidance_scale, "scheduler": scheduler,
+              "eta": eta, "batch_size": batch_size}
+    try:
+        DiffusionGenerationConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        # the first in the flags' order (pydantic reports them in the model's field order)
+        order = list(_GENERATE_FLAGS)
+        first = min(e.errors(), key=lambda err: order.index(err["loc"][0]) if err["loc"] and err["loc"][0] in order
+                    else len(order))
+        raise _generate_option_error(first) from None
+
+
+def _generate_option_error(error: dict) -> UserError:
+    """One pydantic error of the image generation config as the `generate` flag's error line."""
+    import typing
+
+    from .config import DiffusionGenerationConfig
+
+    name = str(error["loc"][0]) if error["loc"] else ""
+    flag, unit, fix = _GENERATE_FLAGS.get(name, (f"--{name.replace('_', '-')}", "", "see raft-diffusion generate --help"))
+    value, ctx = error.get("input"), error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "literal_error":
+        choices = typing.get_args(DiffusionGenerationConfig.model_fields[name].annotation)
+        return UserError(flag, f"unknown {name} {value!r}", fix.format(choices=", ".join(choices)))
+    if kind == "finite_number":
+        problem = f"{value} is not a finite number"
+    elif kind == "greater_than":
+        problem = f"{value}{unit}; generation.{name} must be more than {ctx['gt']:g}"
+    elif kind == "greater_than_equal":
+        problem = f"{value}{unit}; generation.{name} must be at least {ctx['ge']:g}"
+    elif kind == "less_than_equal":
+        problem = f"{value}{unit} is more than {ctx['le']:g}, the largest generation.{name} allows"
+    elif kind == "less_than":
+        problem = f"{value}{unit}; generation.{name} must be less than {ctx['lt']:g}"
+    else:
+        problem = f"{value}{unit}: {error['msg'][0].lower()}{error['msg'][1:].rstrip('.')}"
+    return UserError(flag, problem, fix)
 
 
 # torch.Generator.manual_seed takes 0 to 2**64 - 1 (and would map a negative seed onto one of them).

@@ -2,15 +2,24 @@
 
 Every field carries its one-line help in `description`; `raft-diffusion config-help` prints them.
 Unknown keys are rejected, so a typo never silently falls back to a default.
+
+A run's config is shaped like the run: `RunConfig` is a union discriminated by `backend`, a
+`DiffusionRunConfig` (images: resolution, steps, guidance, caption dropout, negative_aware) or a
+`TextRunConfig` (texts: max_new_tokens, temperature, top_p, GGUF files); `RunConfig.model_validate`
+returns the one its `backend` names (diffusion when none is given). Each objective's knobs are a
+block of `training` (`training.reward_weighted`, `training.negative_aware`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import UserError
 
@@ -21,21 +30,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# --- model ---------------------------------------------------------------------------------------
+
+
 class ModelConfig(_Strict):
+    """What both backends' frozen models have."""
+
     path: str = Field(
         "builtin:tiny-sd",
         description="hub id, local dir, single file (diffusion: .safetensors/.ckpt; text: .gguf), "
         "or builtin:NAME",
-    )
-    gguf_file: str | None = Field(
-        None, description="text: the GGUF file inside model.path (a local dir or hub id), dequantised on load"
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="weights dtype of the frozen model (float32 on CPU)"
     )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     variant: str | None = Field(None, description="hub weights variant, e.g. fp16")
-    trust_remote_code: bool = Field(False, description="allow code from the model repo to run")
+
+
+class DiffusionModelConfig(ModelConfig):
+    """A diffusion pipeline: a hub id, a diffusers directory, one .safetensors/.ckpt file or builtin:NAME."""
+
+
+class TextModelConfig(ModelConfig):
+    """A causal language model, possibly a GGUF file, possibly with the repo's own code."""
+
+    gguf_file: str | None = Field(
+        None, description="text: the GGUF file inside model.path (a local dir or hub id), dequantised on load"
+    )
+    trust_remote_code: bool = Field(False, description="text: allow code from the model repo to run")
 
 
 # The attention projections of LLaMA-family models: the text backend's default LoRA targets.
@@ -62,9 +85,15 @@ class PromptsConfig(_Strict):
     )
 
 
+# --- experts -------------------------------------------------------------------------------------
+
+
 class ExpertConfig(_Strict):
     """A source of candidates beside the policy (RAFT's "other pre-trained experts, or even human"):
-    another model, sampled and never trained, or a folder of samples; ranked with the policy's own."""
+    another model, sampled and never trained, or a folder of samples; ranked with the policy's own.
+
+    What both backends' experts have; a run's experts are `DiffusionExpertConfig` or `TextExpertConfig`,
+    which add the generation settings a model expert may take of its own."""
 
     model: Optional[str] = Field(
         None, description="another model of the run's backend (hub id, local dir, single file or builtin:NAME)"
@@ -80,53 +109,95 @@ class ExpertConfig(_Strict):
     label: Optional[str] = Field(
         None, min_length=1, description="its name in samples.jsonl (`source`) and metrics (default: expert1, ...)"
     )
-    steps: Optional[int] = Field(None, gt=0, description="model expert, diffusion: its denoising steps")
-    guidance_scale: Optional[float] = Field(None, ge=0, description="model expert, diffusion: its guidance")
-    temperature: Optional[float] = Field(None, gt=0, description="model expert, text: its sampling temperature")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="model expert, text: its nucleus mass")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ExpertConfig":
         if (self.model is None) == (self.samples is None):
             raise ValueError("an expert is either a model or a samples folder: give exactly one of them")
         if self.samples is not None:
-            given = [f for f in ("lora", "steps", "guidance_scale", "temperature", "top_p")
-                     if getattr(self, f) is not None]
+            own = [f for f in type(self).model_fields if f not in ExpertConfig.model_fields]
+            given = [f for f in ("lora", *own) if getattr(self, f) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: a LoRA and generation settings apply to a model expert, "
                                  "not to samples")
         return self
 
+    def __getattr__(self, name: str) -> Any:
+        # A plain ExpertConfig (built in code, of either backend) takes the run's generation settings:
+        # the backends read its steps, guidance_scale, temperature and top_p as None.
+        if type(self) is ExpertConfig and name in _EXPERT_GENERATION_FIELDS:
+            return None
+        return super().__getattr__(name)
 
-class GenerationConfig(_Strict):
-    resolution: int = Field(256, gt=0, le=4096, description="image side in pixels (diffusion), at most 4096")
-    steps: int = Field(20, gt=0, description="denoising steps (diffusion)")
-    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance; <= 1 disables it")
-    scheduler: Literal["ddim", "dpm_solver"] = Field("ddim", description="sampler (diffusion)")
-    eta: float = Field(0.0, ge=0, le=1, description="DDIM eta; 0 is deterministic given the seed")
-    negative_prompt: str = Field("", description="negative prompt for guidance (diffusion)")
+
+class DiffusionExpertConfig(ExpertConfig):
+    steps: Optional[int] = Field(None, gt=0, description="model expert, diffusion: its denoising steps")
+    guidance_scale: Optional[float] = Field(None, ge=0, description="model expert, diffusion: its guidance")
+
+
+class TextExpertConfig(ExpertConfig):
+    temperature: Optional[float] = Field(None, gt=0, description="model expert, text: its sampling temperature")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="model expert, text: its nucleus mass")
+
+
+_EXPERT_GENERATION_FIELDS = ("steps", "guidance_scale", "temperature", "top_p")
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+def _label_experts(experts: list[ExpertConfig]) -> list[ExpertConfig]:
+    for i, expert in enumerate(experts, 1):
+        if expert.label is None:
+            expert.label = f"expert{i}"
+    labels = [e.label for e in experts]
+    if len(set(labels)) < len(labels) or "policy" in labels:
+        raise ValueError(f"expert labels must differ from each other and from 'policy', got {labels}")
+    return experts
+
+
+_EXPERTS_HELP = ("other sources of candidates, ranked with the policy's own: "
+                 "[{model: PATH, per_prompt: N} or {samples: DIR, per_prompt: N}]")
+
+
+class GenerationBase(_Strict):
+    """What both backends' sampling has."""
+
     samples_per_prompt: int = Field(8, gt=0, description="K: candidates generated per prompt")
     batch_size: int = Field(16, gt=0, description="samples generated per forward pass")
-    max_new_tokens: Union[int, tuple[int, int]] = Field(
-        48, description="text: tokens to generate, or a [min, max] range (each sample's length drawn from its seed)"
-    )
-    temperature: float = Field(1.0, gt=0, description="text: sampling temperature")
-    top_p: float = Field(1.0, gt=0, le=1, description="text: nucleus sampling mass")
-    experts: list[ExpertConfig] = Field(
-        default_factory=list, description="other sources of candidates, ranked with the policy's own: "
-        "[{model: PATH, per_prompt: N} or {samples: DIR, per_prompt: N}]"
-    )
+
+
+class DiffusionGenerationConfig(GenerationBase):
+    """How a diffusion run samples its images."""
+
+    resolution: int = Field(256, gt=0, le=4096, description="image side in pixels, at most 4096")
+    steps: int = Field(20, gt=0, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance; <= 1 disables it")
+    scheduler: Literal["ddim", "dpm_solver"] = Field("ddim", description="sampler")
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM eta; 0 is deterministic given the seed")
+    negative_prompt: str = Field("", description="negative prompt for guidance")
+    experts: list[DiffusionExpertConfig] = Field(default_factory=list, description=_EXPERTS_HELP)
 
     @field_validator("experts")
     @classmethod
     def _labels(cls, experts: list[ExpertConfig]) -> list[ExpertConfig]:
-        for i, expert in enumerate(experts, 1):
-            if expert.label is None:
-                expert.label = f"expert{i}"
-        labels = [e.label for e in experts]
-        if len(set(labels)) < len(labels) or "policy" in labels:
-            raise ValueError(f"expert labels must differ from each other and from 'policy', got {labels}")
-        return experts
+        return _label_experts(experts)
+
+
+class TextGenerationConfig(GenerationBase):
+    """How a text run samples its responses."""
+
+    max_new_tokens: Union[int, tuple[int, int]] = Field(
+        48, description="tokens to generate, or a [min, max] range (each sample's length drawn from its seed)"
+    )
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    experts: list[TextExpertConfig] = Field(default_factory=list, description=_EXPERTS_HELP)
+
+    @field_validator("experts")
+    @classmethod
+    def _labels(cls, experts: list[ExpertConfig]) -> list[ExpertConfig]:
+        return _label_experts(experts)
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -135,6 +206,11 @@ class GenerationConfig(_Strict):
         if low < 1 or high < low:
             raise ValueError("must be a positive number of tokens or a [min, max] range with 1 <= min <= max")
         return v
+
+
+# The image generation config under its old name: `generate`, the toy world and the diffusion
+# backend's helpers build it with image fields.
+GenerationConfig = DiffusionGenerationConfig
 
 
 class RewardSpec(_Strict):
@@ -166,15 +242,32 @@ class SelectionConfig(_Strict):
     )
 
 
+# --- training ------------------------------------------------------------------------------------
+
+
+class RewardWeightedConfig(_Strict):
+    """The knobs of `objective: reward_weighted`."""
+
+    beta: float = Field(1.0, gt=0, description="temperature on the group-normalised reward "
+                        "(smaller keeps closer to the best samples)")
+
+
+class NegativeAwareConfig(_Strict):
+    """The knobs of `objective: negative_aware` (DiffusionNFT)."""
+
+    beta: float = Field(1.0, gt=0, description="how far the implicit policies reach past "
+                        "the old (EMA) policy")
+    advantage_clip: float = Field(2.0, gt=0, description="|A| at which a sample counts as "
+                                  "surely good (r = 1) or surely bad (r = 0)")
+
+
 class TrainingConfig(_Strict):
+    """What both backends' fine-tuning has."""
+
     learning_rate: float = Field(1.0e-4, gt=0, description="AdamW learning rate")
     epochs: int = Field(1, gt=0, description="passes over the selected samples per iteration")
     batch_size: int = Field(8, gt=0, description="micro-batch size")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    caption_dropout: float = Field(
-        0.0, ge=0, lt=1, description="diffusion: fraction of training samples whose prompt is replaced by the "
-        "empty prompt, so the unconditional branch that guidance subtracts learns alongside"
-    )
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
     weight_decay: float = Field(1.0e-2, ge=0, description="AdamW weight decay")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")
@@ -187,12 +280,8 @@ class TrainingConfig(_Strict):
         "every sample, weighted by exp(A / beta) with A its reward z-scored within its prompt; negative_aware "
         "(diffusion, needs ema_decay) = DiffusionNFT's positive and negative implicit policies"
     )
-    nft_beta: float = Field(1.0, gt=0, description="negative_aware: how far the implicit policies reach past "
-                            "the old (EMA) policy")
-    nft_advantage_clip: float = Field(2.0, gt=0, description="negative_aware: |A| at which a sample counts as "
-                                      "surely good (r = 1) or surely bad (r = 0)")
-    beta: float = Field(1.0, gt=0, description="reward_weighted: temperature on the group-normalised reward "
-                        "(smaller keeps closer to the best samples)")
+    reward_weighted: RewardWeightedConfig = Field(
+        default_factory=RewardWeightedConfig, description="the knobs of objective reward_weighted")
     anchor_weight: float = Field(
         0.0, ge=0, description="weight of a pull towards the base model (adapter off): diffusion, the squared "
         "difference of the predictions; text, the token-level KL; 0 disables it"
@@ -205,6 +294,27 @@ class TrainingConfig(_Strict):
         0.5, ge=0, le=1, description="stop the run when the rewards fail on (drop) more than this share of an "
         "iteration's samples; a reward that fails on every sample always stops it"
     )
+
+
+class DiffusionTrainingConfig(TrainingConfig):
+    caption_dropout: float = Field(
+        0.0, ge=0, lt=1, description="fraction of training samples whose prompt is replaced by the "
+        "empty prompt, so the unconditional branch that guidance subtracts learns alongside"
+    )
+    negative_aware: NegativeAwareConfig = Field(
+        default_factory=NegativeAwareConfig, description="the knobs of objective negative_aware")
+
+
+class TextTrainingConfig(TrainingConfig):
+    """A text run's fine-tuning: the shared fields (negative_aware is built for diffusion only)."""
+
+
+# The flat names the objectives' knobs had before they moved to their blocks: old -> (block, field).
+MOVED_TRAINING_FIELDS = {
+    "beta": ("reward_weighted", "beta"),
+    "nft_beta": ("negative_aware", "beta"),
+    "nft_advantage_clip": ("negative_aware", "advantage_clip"),
+}
 
 
 class RaftConfig(_Strict):
@@ -260,34 +370,66 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(2, gt=0, description="iteration checkpoints kept on disk")
 
 
-# Fields that only one backend reads: (section, field) -> that backend.
-BACKEND_ONLY_FIELDS = {
-    **{("generation", name): "diffusion"
-       for name in ("resolution", "steps", "guidance_scale", "scheduler", "eta", "negative_prompt")},
-    ("training", "caption_dropout"): "diffusion",
-    **{("generation", name): "text" for name in ("temperature", "top_p", "max_new_tokens")},
-    ("model", "gguf_file"): "text",
-    ("model", "trust_remote_code"): "text",
-}
+# --- the run -------------------------------------------------------------------------------------
 
-EXPERT_ONLY_FIELDS = {"steps": "diffusion", "guidance_scale": "diffusion", "temperature": "text", "top_p": "text"}
+_HELP = {
+    "backend": "what is generated", "model": "the frozen base model", "generation": "sampling",
+    "training": "fine-tuning",
+}
 
 
 class RunConfig(_Strict):
-    backend: Literal["diffusion", "text"] = Field("diffusion", description="what is generated")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="the frozen base model")
+    """A run's config: what both backends share. `RunConfig.model_validate(data)` returns the
+    `DiffusionRunConfig` or `TextRunConfig` that `data["backend"]` names (diffusion by default)."""
+
+    # The backend's own section models, set by each subclass: section -> model class.
+    SECTIONS: ClassVar[dict[str, type[BaseModel]]] = {}
+    EXPERT: ClassVar[type[ExpertConfig]] = ExpertConfig
+
+    backend: Literal["diffusion", "text"] = Field("diffusion", description=_HELP["backend"])
+    model: Union[DiffusionModelConfig, TextModelConfig] = Field(
+        default_factory=DiffusionModelConfig, description=_HELP["model"])
     lora: LoraConfig = Field(default_factory=LoraConfig, description="the trained adapter")
     prompts: PromptsConfig = Field(..., description="prompt sources")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="sampling")
+    generation: Union[DiffusionGenerationConfig, TextGenerationConfig] = Field(
+        default_factory=DiffusionGenerationConfig, description=_HELP["generation"])
     rewards: list[RewardSpec] = Field(..., min_length=1, description="what RAFT optimizes")
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="ranking")
-    training: TrainingConfig = Field(default_factory=TrainingConfig, description="fine-tuning")
+    training: Union[DiffusionTrainingConfig, TextTrainingConfig] = Field(
+        default_factory=DiffusionTrainingConfig, description=_HELP["training"])
     raft: RaftConfig = Field(default_factory=RaftConfig, description="the outer loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="resume")
     report: ReportConfig = Field(default_factory=ReportConfig, description="what the run report flags")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="experiment trackers")
     output_dir: str = Field("runs/raft", min_length=1, description="run directory")
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> "RunConfig":
+        if cls is not RunConfig:
+            return super().model_validate(obj, **kwargs)
+        if isinstance(obj, dict):
+            backend = obj.get("backend", "diffusion")
+            if not isinstance(backend, str) or backend not in RUN_CONFIGS:
+                return super().model_validate(obj, **kwargs)  # pydantic's own error on `backend`
+            obj = {**obj, "backend": backend}
+        return _ANY_RUN_CONFIG.validate_python(obj, **kwargs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_fields_of_the_other_backend(cls, data: Any) -> Any:
+        # A field only the other backend has would be silently ignored: refuse it. Only a value
+        # that differs from that field's default counts: the resolved config.yaml of a run made
+        # before the config was split by backend lists every field, defaults included. The old
+        # flat names of the objectives' knobs are refused with their new place.
+        if cls is RunConfig or not isinstance(data, dict):
+            return data
+        training = data.get("training")
+        if isinstance(training, dict):
+            for old in MOVED_TRAINING_FIELDS:
+                if old in training:
+                    raise _moved(old, training[old], cls)
+        return _other_backend_fields(cls, data, refuse=True)
 
     @model_validator(mode="after")
     def _negative_aware_needs_an_old_policy(self) -> "RunConfig":
@@ -301,24 +443,6 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _no_fields_of_the_other_backend(self) -> "RunConfig":
-        # A field only the other backend reads would be silently ignored: refuse it. Only a value
-        # the user set that differs from the default counts, because the resolved config.yaml of
-        # every run writes all fields (defaults included) and must load again on --resume.
-        for (section, name), backend in BACKEND_ONLY_FIELDS.items():
-            part = getattr(self, section)
-            if (backend != self.backend and name in part.model_fields_set
-                    and getattr(part, name) != type(part).model_fields[name].default):
-                raise UserError(f"config {section}.{name}", f"applies only to backend {backend}, and this run's "
-                                f"backend is {self.backend}", f"remove it, or set backend: {backend}")
-        for i, expert in enumerate(self.generation.experts):
-            for name, backend in EXPERT_ONLY_FIELDS.items():
-                if backend != self.backend and getattr(expert, name) is not None:
-                    raise UserError(f"config generation.experts.{i}.{name}", f"applies only to backend {backend}, "
-                                    f"and this run's backend is {self.backend}", "remove it")
-        return self
-
-    @model_validator(mode="after")
     def _text_lora_targets(self) -> "RunConfig":
         # The LoRA default names the UNet's attention; a text run that names no targets gets the
         # LLaMA attention projections instead (written out in the resolved config.yaml).
@@ -326,6 +450,128 @@ class RunConfig(_Strict):
             self.lora.target_modules = list(TEXT_LORA_TARGETS)
         return self
 
+
+class DiffusionRunConfig(RunConfig):
+    """A diffusion run: images, a UNet (or MMDiT) LoRA."""
+
+    SECTIONS: ClassVar[dict[str, type[BaseModel]]] = {
+        "model": DiffusionModelConfig, "generation": DiffusionGenerationConfig, "training": DiffusionTrainingConfig}
+    EXPERT: ClassVar[type[ExpertConfig]] = DiffusionExpertConfig
+
+    backend: Literal["diffusion"] = Field("diffusion", description=_HELP["backend"])
+    model: DiffusionModelConfig = Field(default_factory=DiffusionModelConfig, description=_HELP["model"])
+    generation: DiffusionGenerationConfig = Field(
+        default_factory=DiffusionGenerationConfig, description=_HELP["generation"])
+    training: DiffusionTrainingConfig = Field(default_factory=DiffusionTrainingConfig, description=_HELP["training"])
+
+
+class TextRunConfig(RunConfig):
+    """A text run: responses of a causal LM, a LoRA on its attention projections."""
+
+    SECTIONS: ClassVar[dict[str, type[BaseModel]]] = {
+        "model": TextModelConfig, "generation": TextGenerationConfig, "training": TextTrainingConfig}
+    EXPERT: ClassVar[type[ExpertConfig]] = TextExpertConfig
+
+    backend: Literal["text"] = Field("text", description=_HELP["backend"])
+    model: TextModelConfig = Field(default_factory=TextModelConfig, description=_HELP["model"])
+    generation: TextGenerationConfig = Field(default_factory=TextGenerationConfig, description=_HELP["generation"])
+    training: TextTrainingConfig = Field(default_factory=TextTrainingConfig, description=_HELP["training"])
+
+
+RUN_CONFIGS: dict[str, type[RunConfig]] = {"diffusion": DiffusionRunConfig, "text": TextRunConfig}
+_ANY_RUN_CONFIG = TypeAdapter(Annotated[Union[DiffusionRunConfig, TextRunConfig], Field(discriminator="backend")])
+
+
+def run_config_class(backend: Any) -> type[RunConfig]:
+    """The config class of `backend` (a value of a config's `backend` key): diffusion's by default."""
+    return RUN_CONFIGS.get(backend, DiffusionRunConfig) if isinstance(backend, str) else DiffusionRunConfig
+
+
+def _other_backend(cls: type[RunConfig]) -> type[RunConfig]:
+    return next(other for other in RUN_CONFIGS.values() if other is not cls)
+
+
+def _is_default(model: type[BaseModel], name: str, value: Any) -> bool:
+    """Whether `value` is, once validated by `model`, the default of its field `name`."""
+    try:
+        validated = getattr(model.model_validate({name: value}), name)
+    except (ValidationError, UserError, ValueError):
+        return False
+    return validated == model.model_fields[name].get_default(call_default_factory=True)
+
+
+def _other_backend_fields(cls: type[RunConfig], data: dict[str, Any], refuse: bool) -> dict[str, Any]:
+    """`data` without the fields that only the other backend has, where they hold that backend's
+    default; a field at another value is a `UserError` if `refuse`, else kept (validation names it)."""
+    other = _other_backend(cls)
+    backend, mine = other.model_fields["backend"].default, cls.model_fields["backend"].default
+    out = dict(data)
+    for section, model in cls.SECTIONS.items():
+        part = out.get(section)
+        if not isinstance(part, dict):
+            continue
+        theirs = other.SECTIONS[section]
+        part = out[section] = dict(part)
+        for name in [n for n in theirs.model_fields if n not in model.model_fields and n in part]:
+            if _is_default(theirs, name, part[name]):
+                del part[name]
+            elif refuse:
+                raise UserError(f"config {section}.{name}", f"applies only to backend {backend}, and this run's "
+                                f"backend is {mine}", f"remove it, or set backend: {backend}")
+    generation = out.get("generation")
+    experts = generation.get("experts") if isinstance(generation, dict) else None
+    if isinstance(experts, list):
+        extra = [n for n in other.EXPERT.model_fields if n not in cls.EXPERT.model_fields]
+        generation["experts"] = experts = [dict(e) if isinstance(e, dict) else e for e in experts]
+        for i, expert in enumerate(experts):
+            for name in [n for n in extra if isinstance(expert, dict) and n in expert]:
+                if expert[name] is None:
+                    del expert[name]
+                elif refuse:
+                    raise UserError(f"config generation.experts.{i}.{name}", f"applies only to backend {backend}, "
+                                    f"and this run's backend is {mine}", "remove it")
+    return out
+
+
+def _moved(old: str, value: Any, cls: type[RunConfig]) -> UserError:
+    """The error of a user's config that still names an objective's knob by its flat name."""
+    block, name = MOVED_TRAINING_FIELDS[old]
+    if block not in cls.SECTIONS["training"].model_fields:
+        fix = f"remove it: training.{block} applies only to backend {_other_backend(cls).model_fields['backend'].default}"
+    else:
+        try:
+            shown = json.dumps(value)
+        except (TypeError, ValueError):
+            shown = _short(repr(value), 40)
+        fix = f"write it under training as {block}: {{{name}: {_short(shown, 40)}}}"
+    return UserError(f"config training.{old}", f"moved to training.{block}.{name}", fix)
+
+
+def migrate_saved_config(data: Any) -> Any:
+    """A run's saved config.yaml fields (as read) in today's layout: a run made before the config
+    was split by backend lists every field of both backends, defaults included, and the objectives'
+    knobs under their flat names (training.beta, nft_beta, nft_advantage_clip). The other backend's
+    fields at their defaults are dropped and the knobs moved to their blocks, so that --resume
+    compares the run's config with today's; anything else is left for validation to name."""
+    if not isinstance(data, dict):
+        return data
+    backend = data.get("backend", "diffusion")
+    if not isinstance(backend, str) or backend not in RUN_CONFIGS:
+        return data
+    cls = RUN_CONFIGS[backend]
+    data = copy.deepcopy(data)
+    training = data.get("training")
+    if isinstance(training, dict):
+        for old, (block, name) in MOVED_TRAINING_FIELDS.items():
+            if old not in training:
+                continue
+            if block not in cls.SECTIONS["training"].model_fields:
+                del training[old]  # a text run never read negative_aware's knobs
+                continue
+            target = training.setdefault(block, {})
+            if isinstance(target, dict) and name not in target:
+                target[name] = training.pop(old)
+    return _other_backend_fields(cls, data, refuse=False)
 
 
 # --- reading YAML, with limits ---------------------------------------------------------------
@@ -485,11 +731,14 @@ def read_yaml_file(path: Path, field: str, fix: str, name_the_value: bool = Fals
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _format_validation_error(err: ValidationError, source: str) -> UserError:
+def _format_validation_error(err: ValidationError, source: str, backend: Any = None) -> UserError:
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = list(first["loc"])
+    if loc and loc[0] in RUN_CONFIGS:  # the discriminated union's tag: the backend whose config it is
+        backend = loc.pop(0)
+    field = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        parent = _model_at(RunConfig, [p for p in first["loc"][:-1]])
+        parent = _model_at(run_config_class(backend), loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see the docs"
         problem, fix = "unknown key", f"allowed keys here: {allowed}"
     elif first["type"] == "missing":
@@ -542,7 +791,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if len(parts) > MAX_SET_KEY_PARTS:
         raise UserError("--set", f"{_short(key, 80)} has {len(parts)} dotted parts, more than the {MAX_SET_KEY_PARTS} "
                         "a key may have", "name a field of the config, e.g. --set rewards.0.options.quality=50")
-    model: type[BaseModel] | None = RunConfig
+    # The run's own backend's models first, then the other's: a field of the other backend is set
+    # here and refused by validation, which says which backend it belongs to.
+    own = run_config_class(data.get("backend", "diffusion"))
+    models: list[type[BaseModel] | None] = [own, _other_backend(own)]
     free = False  # below a free dict (a reward's options) any key goes
     node: Any = data
     for i, part in enumerate(parts):
@@ -554,13 +806,21 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         elif free:
             idx = part
         else:
-            if model is None or part not in model.model_fields:
+            having = [m for m in models if m is not None and part in m.model_fields]
+            if not having:
+                if i == 1 and parts[0] == "training" and part in MOVED_TRAINING_FIELDS:
+                    try:
+                        value = read_yaml(raw, MAX_YAML_DEPTH - len(parts))
+                    except (yaml.YAMLError, YamlRefused):
+                        value = raw
+                    raise _moved(part, value, own)
+                model = next((m for m in models if m is not None), None)
                 allowed = ", ".join(model.model_fields) if model else "none"
                 raise UserError("--set", f"unknown key {key!r}", f"allowed at this level: {allowed}")
             idx = part
-            annotation = model.model_fields[part].annotation
+            annotation = having[0].model_fields[part].annotation
             free = get_origin(annotation) is dict
-            model = _submodel(annotation)
+            models = [_submodel(m.model_fields[part].annotation) for m in having]
         if last:
             try:
                 # the value sits len(parts) levels down: with them, no deeper than a config file may be
@@ -594,14 +854,17 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise _format_validation_error(e, str(path)) from None
+        raise _format_validation_error(e, str(path), data.get("backend")) from None
     return config.model_copy(update={}, deep=True)
 
 
 def read_saved_config(path: Path) -> Any:
-    """The fields of a run's own config.yaml (to compare on --resume); a damaged file is a UserError."""
+    """The fields of a run's own config.yaml (to compare on --resume), in today's layout
+    (`migrate_saved_config`: a run made before the config was split by backend still resumes);
+    a damaged file is a UserError."""
     # e.g. a !!python/object tag, which the safe reader refuses (raft-diffusion never writes one)
-    return read_yaml_file(path, "output_dir", "restore the run's config.yaml, or start over with --overwrite")
+    return migrate_saved_config(
+        read_yaml_file(path, "output_dir", "restore the run's config.yaml, or start over with --overwrite"))
 
 
 def config_to_yaml(config: RunConfig) -> str:
@@ -609,12 +872,27 @@ def config_to_yaml(config: RunConfig) -> str:
 
 
 def field_help(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, description) of every field, for `--help`-style listings."""
+    """(dotted name, default, description) of every field, for `--help`-style listings. For
+    `RunConfig`, the fields of both backends: the diffusion run's, with each field only a text run
+    has placed after its section's last field (and its description starting with `text:`)."""
+    if model is RunConfig:
+        rows = field_help(DiffusionRunConfig, prefix)
+        names = {row[0] for row in rows}
+        text_rows = field_help(TextRunConfig, prefix)
+        mine = names - {row[0] for row in text_rows}
+        for row in text_rows:
+            if row[0] in names:
+                continue
+            section = row[0].rpartition(".")[0]
+            at = max((i for i, r in enumerate(rows) if r[0].startswith(section + ".")), default=len(rows) - 1)
+            rows.insert(at + 1, _marked(row, "text"))
+            names.add(row[0])
+        return [_marked(row, "diffusion") if row[0] in mine else row for row in rows]
     rows = []
     for name, field in model.model_fields.items():
         sub = _submodel(field.annotation)
         dotted = f"{prefix}{name}"
-        if sub is ExpertConfig:  # a list of them: the list, then what each item holds
+        if sub is not None and issubclass(sub, ExpertConfig):  # a list of them: the list, then what each item holds
             rows.append((dotted, "[]", field.description or ""))
             rows += field_help(sub, dotted + "[].")
         elif sub is not None and sub is not RewardSpec:
@@ -623,3 +901,11 @@ def field_help(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             rows.append((dotted, default, field.description or ""))
     return rows
+
+
+def _marked(row: tuple[str, str, str], backend: str) -> tuple[str, str, str]:
+    """`row` with its description starting `backend:` (a field only that backend has)."""
+    name, default, text = row
+    if not text.startswith(f"{backend}:") and f", {backend}:" not in text and f"{backend}: " not in text[:40]:
+        text = f"{backend}: {text}"
+    return name, default, text

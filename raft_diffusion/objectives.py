@@ -9,16 +9,17 @@ function here and its name to `OBJECTIVES`, as a reward is added in `rewards/__i
 - `raft` (default): the paper's RAFT, supervised fine-tuning on the selected samples, each
   counted once (no weights: the backends' loss is exactly the one before this seam existed).
 - `reward_weighted`: every valid sample of a group, weighted by exp(A / beta) where A is its
-  reward z-scored within the group (reward-weighted regression, Peters & Schaal 2007; the
-  group-relative advantage of GRPO); weights are normalised to mean 1 within each group, so a
-  group's total weight is its number of valid samples whatever beta is.
+  reward z-scored within the group and beta is `training.reward_weighted.beta` (reward-weighted
+  regression, Peters & Schaal 2007; the group-relative advantage of GRPO); weights are
+  normalised to mean 1 within each group, so a group's total weight is its number of valid
+  samples whatever beta is.
 - `negative_aware` (diffusion): DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117). Every valid
-  sample gets an optimality probability r = 1/2 + 1/2 clip(A / nft_advantage_clip, -1, 1); the
-  backend trains the implicit positive policy v+ = (1 - nft_beta) v_old + nft_beta v_theta
-  towards the sample where r is high and the implicit negative policy
-  v- = (1 + nft_beta) v_old - nft_beta v_theta where it is low (the paper's eq. 5-6 on the
-  scheduler's own target, epsilon or v, in place of flow matching's velocity), with the EMA
-  of the LoRA (`training.ema_decay`) as the old policy v_old.
+  sample gets an optimality probability r = 1/2 + 1/2 clip(A / c, -1, 1), c being
+  `training.negative_aware.advantage_clip`; the backend trains the implicit positive policy
+  v+ = (1 - b) v_old + b v_theta towards the sample where r is high and the implicit negative
+  policy v- = (1 + b) v_old - b v_theta where it is low, b being `training.negative_aware.beta`
+  (the paper's eq. 5-6 on the scheduler's own target, epsilon or v, in place of flow matching's
+  velocity), with the EMA of the LoRA (`training.ema_decay`) as the old policy v_old.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import TrainingConfig
+from .config import DiffusionTrainingConfig, TrainingConfig
 
 
 @dataclass
@@ -70,18 +71,18 @@ def reward_weighted(scores: np.ndarray, groups: Sequence[int], selected: Sequenc
     groups = np.asarray(groups)
     for g in dict.fromkeys(groups[valid].tolist()):
         idx = valid[groups[valid] == g]
-        logits = advantages[idx] / cfg.beta
+        logits = advantages[idx] / cfg.reward_weighted.beta
         w = np.exp(logits - logits.max())  # shifted: no overflow at small beta
         weights[idx] = w * len(idx) / w.sum()
     return Targets(indices=valid.tolist(), weights=weights[valid])
 
 
 def negative_aware(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int],
-                   cfg: TrainingConfig) -> Targets:
+                   cfg: DiffusionTrainingConfig) -> Targets:
     """Every valid sample with its optimality probability r = 1/2 + 1/2 clip(A / c, -1, 1)."""
     advantages = group_advantages(scores, groups)
     valid = np.flatnonzero(np.isfinite(advantages))
-    r = 0.5 + 0.5 * np.clip(advantages[valid] / cfg.nft_advantage_clip, -1.0, 1.0)
+    r = 0.5 + 0.5 * np.clip(advantages[valid] / cfg.negative_aware.advantage_clip, -1.0, 1.0)
     return Targets(indices=valid.tolist(), optimality=r)
 
 

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from raft_diffusion.cli import main
-from raft_diffusion.config import TrainingConfig
+from raft_diffusion.config import DiffusionTrainingConfig, TrainingConfig
 from raft_diffusion.objectives import group_advantages, raft, reward_weighted
 from raft_diffusion.protocols import Samples
 
@@ -62,7 +62,7 @@ def test_raft_trains_on_the_selection_unweighted():
 def test_reward_weighted_weights_by_hand():
     scores = np.array([1.0, 2.0, 3.0, 5.0, 5.0, math.nan])
     groups = [0, 0, 0, 1, 1, 1]
-    chosen = reward_weighted(scores, groups, [2, 3], TrainingConfig(objective="reward_weighted", beta=0.5))
+    chosen = reward_weighted(scores, groups, [2, 3], TrainingConfig(objective="reward_weighted", reward_weighted={"beta": 0.5}))
     # Group 0: mean 2, population std sqrt(2/3): A = -/+1.2247; exp(A / 0.5) normalised to mean 1.
     a = 1 / math.sqrt(2 / 3)
     raw = [math.exp(-a / 0.5), 1.0, math.exp(a / 0.5)]
@@ -71,7 +71,7 @@ def test_reward_weighted_weights_by_hand():
     np.testing.assert_allclose(chosen.weights, expected, rtol=1e-12)
     np.testing.assert_allclose(group_advantages(scores, groups)[:3], [-a, 0.0, a], rtol=1e-12)
     # Lower beta puts more of the group's weight on its best sample.
-    sharper = reward_weighted(scores, groups, [], TrainingConfig(objective="reward_weighted", beta=0.1))
+    sharper = reward_weighted(scores, groups, [], TrainingConfig(objective="reward_weighted", reward_weighted={"beta": 0.1}))
     assert sharper.weights[2] > chosen.weights[2] and sharper.weights[:3].sum() == pytest.approx(3.0)
 
 
@@ -164,7 +164,8 @@ def test_reward_weighted_runs_end_to_end_with_the_anchor(tiny_config, text_confi
     make = distributed.training_samples
     monkeypatch.setattr(distributed, "training_samples", lambda *args: trained.append(make(*args)) or trained[-1])
     config = (tiny_config if backend_name == "diffusion" else text_config)(
-        training={"objective": "reward_weighted", "beta": 0.5, "anchor_weight": 0.1, "batch_size": 2},
+        training={"objective": "reward_weighted", "reward_weighted": {"beta": 0.5}, "anchor_weight": 0.1,
+                  "batch_size": 2},
         raft={"iterations": 1, "prompts_per_iteration": 2, "seed": 0})
     (record,) = run_training(config, log=lambda s: None)
     assert math.isfinite(record["train_loss"]) and record["n_selected"] == 2
@@ -178,7 +179,7 @@ def test_reward_weighted_runs_end_to_end_with_the_anchor(tiny_config, text_confi
 
 
 @pytest.mark.parametrize("setting,field", [("training.objective=dpo", "training.objective"),
-                                           ("training.beta=0", "training.beta"),
+                                           ("training.reward_weighted.beta=0", "training.reward_weighted.beta"),
                                            ("training.anchor_weight=-1", "training.anchor_weight")])
 def test_bad_objective_settings_exit_2(tmp_path, capfd, setting, field):
     from .conftest import TINY_CONFIG, write_yaml
@@ -217,15 +218,16 @@ def test_negative_aware_optimality_by_hand():
     from raft_diffusion.objectives import negative_aware
 
     scores = np.array([1.0, 2.0, 3.0, math.nan])
-    chosen = negative_aware(scores, [0, 0, 0, 0], [], TrainingConfig(objective="negative_aware", ema_decay=0.5,
-                                                                      nft_advantage_clip=1.0))
+    chosen = negative_aware(scores, [0, 0, 0, 0], [], DiffusionTrainingConfig(
+        objective="negative_aware", ema_decay=0.5, negative_aware={"advantage_clip": 1.0}))
     a = 1 / math.sqrt(2 / 3)  # |A| of the outer two, clipped at 1
     assert chosen.indices == [0, 1, 2]
     np.testing.assert_allclose(chosen.optimality, [0.5 - 0.5 * min(a, 1), 0.5, 0.5 + 0.5 * min(a, 1)])
 
 
 def test_negative_aware_with_r_1_is_a_positive_loss_on_the_mixed_policy(tiny_config):
-    backend = _diffusion_backend(tiny_config, objective="negative_aware", ema_decay=0.5, nft_beta=0.3)
+    backend = _diffusion_backend(tiny_config, objective="negative_aware", ema_decay=0.5,
+                                 negative_aware={"beta": 0.3})
     from raft_diffusion.ema import LoraEMA
 
     ema = LoraEMA(backend.lora_params, 0.5)

@@ -35,8 +35,9 @@ CONFIG = deep_update(TINY_CONFIG, {
 # come back from the checkpoint, so the resumed run is the uninterrupted one, byte for byte.
 OBJECTIVES = {
     "raft-ema-anchor": {"ema_decay": 0.5, "anchor_weight": 1.0},
-    "reward_weighted-ema-anchor": {"objective": "reward_weighted", "beta": 0.5, "ema_decay": 0.5,
-                                   "anchor_weight": 1.0, "epochs": 1},  # every sample: one pass is enough
+    "reward_weighted-ema-anchor": {"objective": "reward_weighted", "reward_weighted": {"beta": 0.5},
+                                   "ema_decay": 0.5, "anchor_weight": 1.0,
+                                   "epochs": 1},  # every sample: one pass is enough
     "negative_aware-ema": {"objective": "negative_aware", "ema_decay": 0.5},
     "raft-fp16": {"mixed_precision": "fp16"},  # the loss scaler's state comes back too
 }

@@ -55,7 +55,7 @@ def test_the_flow_loss_noises_towards_sigma_and_targets_the_velocity():
 
 @pytest.mark.parametrize("training", [
     {},
-    {"objective": "reward_weighted", "beta": 0.5, "ema_decay": 0.5, "anchor_weight": 1.0},
+    {"objective": "reward_weighted", "reward_weighted": {"beta": 0.5}, "ema_decay": 0.5, "anchor_weight": 1.0},
     {"objective": "negative_aware", "ema_decay": 0.5, "caption_dropout": 0.5},
 ], ids=["raft", "reward_weighted-ema-anchor", "negative_aware-ema-caption_dropout"])
 def test_tiny_sd3_trains_two_iterations_with_each_objective(sd3_config, training):

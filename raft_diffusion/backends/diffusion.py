@@ -154,8 +154,8 @@ class DiffusionBackend(LoraTraining):
     def _negative_aware(self, pred: torch.Tensor, old: torch.Tensor, target: torch.Tensor,
                         r: torch.Tensor) -> torch.Tensor:
         """(N,) DiffusionNFT's loss (arXiv 2509.16117, eq. 5-6): r ||v+ - target||^2 + (1 - r) ||v- - target||^2
-        with v+ = (1 - b) v_old + b v and v- = (1 + b) v_old - b v, b = training.nft_beta."""
-        b = self.config.training.nft_beta
+        with v+ = (1 - b) v_old + b v and v- = (1 + b) v_old - b v, b = training.negative_aware.beta."""
+        b = self.config.training.negative_aware.beta
         positive = (1 - b) * old + b * pred
         negative = (1 + b) * old - b * pred
         per = lambda x: x.mean(dim=tuple(range(1, x.ndim)))  # noqa: E731
