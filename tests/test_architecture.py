@@ -122,8 +122,8 @@ def _backend_string_tests(path: Path) -> list[int]:
     return lines
 
 
-# config.py's validators still test it: the flat config's cross-backend checks, until the config is a
-# union by backend (issue 25, item 4)
+# config.py: the union's shared base still holds two validators that name a backend (negative_aware is
+# diffusion's; a text run's default LoRA targets)
 REGISTRIES = ("kinds.py", "config.py")
 
 
