@@ -42,7 +42,7 @@ MONET_DEV=(raft "raft:ema_decay=0.9" "raft:learning_rate=0.0003" "raft:learning_
            "reward_weighted:beta=0.5" "reward_weighted:beta=0.25" "reward_weighted:beta=0.5,epochs=1"
            "reward_weighted:beta=0.25,epochs=2"
            "negative_aware:ema_decay=0.9" "negative_aware:ema_decay=0.9,epochs=1"
-           "negative_aware:ema_decay=0.5,epochs=2" "negative_aware:ema_decay=0.9,nft_beta=0.5,epochs=2")
+           "negative_aware:ema_decay=0.5,epochs=2" "negative_aware:ema_decay=0.9,beta=0.5,epochs=2")
 RES_DEV=(raft "raft:learning_rate=0.0003" "reward_weighted:beta=0.5,epochs=2" "negative_aware:ema_decay=0.9,epochs=2")
 dev_deadline=$(( BUDGET * DEV_SHARE / 100 - 60 ))
 echo "== dev stage: ${#MONET_DEV[@]} + ${#RES_DEV[@]} runs, start deadline ${dev_deadline}s"

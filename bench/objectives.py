@@ -5,7 +5,8 @@ Every run is a run directory under --root (default ~/.cache/raft-diffusion/bench
 an interrupted bench continues where it stopped (finished runs are read, unfinished ones resumed).
 Choose settings on `--split dev` (dev wordings, other eval seeds); report on `--split eval`.
 
-A variant is `OBJECTIVE[:field=value,...]` over `training.*` fields, e.g. `reward_weighted:beta=0.25`
+A variant is `OBJECTIVE[:field=value,...]` over `training.*` fields and the objective's own block
+(`training.OBJECTIVE.*`), e.g. `reward_weighted:beta=0.25`
 or `raft:ema_decay=0.9,learning_rate=3e-4`; the anchor is the separate `--anchors` axis.
 
     python bench/objectives.py --task monet-cat --split dev --seeds 0 [--iterations 16 --every 4]
@@ -71,10 +72,17 @@ def run_config(task: str, variant: str, anchor: float, seed: int, split: str, it
     cfg.raft.iterations, cfg.raft.seed, cfg.eval.every = iterations, seed, every
     name, fields = parse_variant(variant)
     training = type(cfg.training)
-    for key in fields:
+    objective = fields["objective"]
+    block = getattr(cfg.training, objective, None)  # the objective's own knobs (training.reward_weighted.beta)
+    knobs = {}
+    for key in list(fields):
         if key not in training.model_fields:
-            raise SystemExit(f"bench: variant {variant!r}: training has no field {key!r}")
+            if block is None or key not in type(block).model_fields:
+                raise SystemExit(f"bench: variant {variant!r}: training and training.{objective} have no field {key!r}")
+            knobs[key] = fields.pop(key)
     fields = {k: int(v) if training.model_fields[k].annotation is int else v for k, v in fields.items()}
+    if knobs:
+        fields[objective] = {**block.model_dump(), **knobs}
     cfg.training = training.model_validate({**cfg.training.model_dump(), **fields, "anchor_weight": anchor})
     cfg.eval.judges = list(cfg.eval.judges) + [RewardSpec(**j) for j in EXTRA_JUDGES[task]]
     if split == "dev":
