@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from safetensors import safe_open
 
 from .. import model_registry
@@ -55,12 +55,9 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
                                 "pass a directory saved by DiffusionPipeline.save_pretrained")
             index = json.loads((local / "model_index.json").read_text())
             family = _family_named(index.get("_class_name"), path, field)
-            extra = {}
-            if family.pipeline_class is StableDiffusionPipeline:
-                extra = {"safety_checker": None, "requires_safety_checker": False}
-            else:  # components a pipeline saved as none (SD 3 without T5: text_encoder_3) are passed as None
-                extra = {name: None for name in family.optional_components
-                         if not (isinstance(index.get(name), list) and index[name][0] is not None)}
+            # components a pipeline saved as none (SD 3 without T5: text_encoder_3) are passed as None
+            extra = {**family.load_options, **{name: None for name in family.optional_components
+                                                if not (isinstance(index.get(name), list) and index[name][0] is not None)}}
             # CLIP's BPE, from open_clip's bundled vocabulary, where the directory has no tokenizer
             # of its own (the toy assets omit them)
             for name in family.clip_tokenizers:
@@ -80,11 +77,9 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
         raise UserError(field, f"cannot load {path!r} from the hub: {type(e).__name__}",
                         "check the id and your network, or pass a local directory") from e
     family = _family_named(index.get("_class_name"), path, field)
-    extra = {"safety_checker": None, "requires_safety_checker": False} \
-        if family.pipeline_class is StableDiffusionPipeline else {}
     try:
         return family.pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, revision=revision,
-                                                     variant=variant, **extra)
+                                                     variant=variant, **family.load_options)
     except Exception as e:  # noqa: BLE001
         raise UserError(field, f"cannot load {path!r} from the hub: {type(e).__name__}",
                         "check the id and your network, or pass a local directory") from e
@@ -98,14 +93,17 @@ def _family_named(class_name: str | None, path: str, field: str):
 
 
 def _single_file_class(path: Path):
-    """SD 3's single files hold MMDiT joint blocks; anything else loads as SD 1.x/2.x."""
+    """The pipeline class of the family whose `single_file_marker` the file's keys hold (SD 3's MMDiT
+    joint blocks, ...); anything else loads as SD 1.x/2.x."""
     if path.name.endswith(".safetensors"):
         try:
             with safe_open(str(path), "pt") as f:
-                if any(".joint_blocks." in k for k in f.keys()):
-                    return StableDiffusion3Pipeline
+                keys = list(f.keys())
         except Exception:  # noqa: BLE001 - from_single_file says what is wrong with the file
-            pass
+            keys = []
+        for family in FAMILIES.values():
+            if family.single_file_marker and any(family.single_file_marker in k for k in keys):
+                return family.pipeline_class
     return StableDiffusionPipeline
 
 
