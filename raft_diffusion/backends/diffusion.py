@@ -138,7 +138,7 @@ class DiffusionBackend(LoraTraining):
         # while autograd holds them for this step's backward.
         old = self._old_prediction(old_policy, noisy.to(dtype), t, text) if optimality is not None else None
         with self.precision.autocast():
-            pred = self.family.predict(self.denoiser, noisy.to(dtype), t, text)
+            pred = self.family.predict(self.denoiser, noisy.to(dtype), t, text, self.config.generation.guidance_scale)
         reduce = (lambda x: x.mean(dim=tuple(range(1, x.ndim)))) if per_sample else (lambda x: x.mean())
         if optimality is not None:
             loss = self._negative_aware(pred.float(), old, target.float(), optimality.to(pred.device, torch.float32))
@@ -165,7 +165,7 @@ class DiffusionBackend(LoraTraining):
     def _old_prediction(self, old_policy: LoraEMA, noisy: torch.Tensor, t: torch.Tensor, text: Cond) -> torch.Tensor:
         """The old policy's prediction: the same denoiser with the EMA of the LoRA swapped in."""
         with old_policy.applied(), self.precision.autocast():
-            return self.family.predict(self._denoiser(), noisy, t, text).float()
+            return self.family.predict(self._denoiser(), noisy, t, text, self.config.generation.guidance_scale).float()
 
     @torch.no_grad()
     def _base_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: Cond) -> torch.Tensor:
@@ -174,7 +174,7 @@ class DiffusionBackend(LoraTraining):
         denoiser.disable_adapters()
         try:
             with self.precision.autocast():
-                return self.family.predict(denoiser, noisy, t, text).float()
+                return self.family.predict(denoiser, noisy, t, text, self.config.generation.guidance_scale).float()
         finally:
             denoiser.enable_adapters()
 

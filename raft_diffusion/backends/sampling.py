@@ -52,7 +52,8 @@ def generate_latents(pipe: StableDiffusionPipeline, cond: Cond, uncond: Cond | N
     same on CPU and CUDA); batches of `gen.batch_size` mix prompts.
     """
     latents, images = [], []
-    options = family_of(pipe).call_options(gen)
+    family = family_of(pipe)
+    options = family.call_options(gen)
     bar = tqdm(total=len(seeds), desc=desc, unit="img", leave=False, disable=None if show else True)
     for idx in _chunks(len(seeds), gen.batch_size):
         negative = {f"negative_{k}": v for k, v in take_cond(uncond, idx).items()} if uncond is not None else {}
@@ -63,8 +64,9 @@ def generate_latents(pipe: StableDiffusionPipeline, cond: Cond, uncond: Cond | N
             generator=[torch.Generator("cpu").manual_seed(seeds[i]) for i in idx],
             output_type="latent",
         )
-        latents.append(out.images.float().cpu())
-        images.append(decode_latents(pipe, out.images).cpu())
+        final = family.pipeline_latents(pipe, out.images, gen.resolution, gen.resolution)
+        latents.append(final.float().cpu())
+        images.append(decode_latents(pipe, final).cpu())
         bar.update(len(idx))
     bar.close()
     return torch.cat(latents), torch.cat(images)

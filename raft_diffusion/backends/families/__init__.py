@@ -22,14 +22,16 @@ from __future__ import annotations
 
 from ...errors import UserError
 from .sd import SCHEDULERS, Cond, StableDiffusion
+from .flux import Flux
 from .sd3 import StableDiffusion3
 
-__all__ = ["FAMILIES", "SCHEDULERS", "Cond", "StableDiffusion", "StableDiffusion3", "family_of"]
+__all__ = ["FAMILIES", "SCHEDULERS", "Cond", "Flux", "StableDiffusion", "StableDiffusion3", "family_of"]
 
 # a pipeline class name (model_index.json's `_class_name`) -> its family
 FAMILIES: dict[str, StableDiffusion] = {
     "StableDiffusionPipeline": StableDiffusion(),
     "StableDiffusion3Pipeline": StableDiffusion3(),
+    "FluxPipeline": Flux(),
 }
 
 
@@ -38,4 +40,4 @@ def family_of(pipe) -> StableDiffusion:
         if type(pipe) is family.pipeline_class:
             return family
     raise UserError("config model.path", f"{type(pipe).__name__} is not supported",
-                    "use a Stable Diffusion 1.x/2.x or 3.x pipeline")
+                    "use a Stable Diffusion 1.x/2.x, 3.x or FLUX.1 pipeline")

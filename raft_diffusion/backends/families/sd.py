@@ -61,8 +61,14 @@ class StableDiffusion:
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(x0, noise, t)
         return noisy, t, target
 
-    def predict(self, model, noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def predict(self, model, noisy: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None
+                ) -> torch.Tensor:
+        """The denoiser's output for noisy latents; `guidance`: the distilled guidance value (FLUX.1-dev's)."""
         return model(noisy, t, encoder_hidden_states=cond["prompt_embeds"]).sample
+
+    def pipeline_latents(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's `output_type="latent"` output as (N, C, h, w) latents (FLUX packs them)."""
+        return latents
 
     def sample_size(self, pipe) -> int:
         size = pipe.unet.config.sample_size

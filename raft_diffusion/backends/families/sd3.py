@@ -67,7 +67,8 @@ class StableDiffusion3(StableDiffusion):
         noisy = (1 - sigma) * x0 + sigma * noise
         return noisy.to(device), sched.timesteps[index].to(device), (noise - x0).to(device)
 
-    def predict(self, model, noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def predict(self, model, noisy: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None = None
+                ) -> torch.Tensor:
         return model(hidden_states=noisy, timestep=t, encoder_hidden_states=cond["prompt_embeds"],
                      pooled_projections=cond["pooled_prompt_embeds"]).sample
 
