@@ -30,13 +30,14 @@ from pathlib import Path
 from .checkpoint import write_dir_atomically, write_file_atomically
 from .errors import UserError
 from .kinds import KINDS, BackendKind, kind_of, lora_dir_kind
-from .backends.families import FAMILIES
+from .backends.families import FAMILIES, Flux, family_of
 from .backends.loading import load_pipeline
 from .backends.lora_io import load_lora, lora_metadata
 from .backends.text import attach_adapter, load_causal_lm
 from .config import read_saved_config
 from .ldm_layout import pipeline_to_ldm
 from .lora_formats import KOHYA_FILE, is_kohya, write_kohya, write_sd3_kohya
+from .lora_formats_flux import write_flux_kohya
 from .weights import read_tensors
 
 FORMATS = ("kohya", "diffusers", "peft", "merged")
@@ -169,7 +170,7 @@ def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
     state = read_tensors(path, "SOURCE")
     sd3 = any(k.startswith("transformer.") for k in state)
     if sd3 and model is None:
-        raise UserError("--model", f"{path} is an SD 3 LoRA, whose MMDiT names depend on the model's depth",
+        raise UserError("--model", f"{path} is a transformer's LoRA (SD 3 or FLUX), whose kohya names depend on the model",
                         "pass --model (the base it was trained on), or the run directory")
     prefix = "transformer." if sd3 else "unet."
     header = lora_metadata(path) or {}
@@ -180,9 +181,14 @@ def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
                         "save it with diffusers' save_lora_weights(..., unet_lora_adapter_metadata=config), "
                         "or retrain")
     if sd3:
-        transformer = load_pipeline(model, field="--model").transformer
-        layers = FAMILIES["StableDiffusion3Pipeline"].lora_tensors(state)
-        write_sd3_kohya(out, layers, config, dict(transformer.config), model, field="SOURCE")
+        pipe = load_pipeline(model, field="--model")
+        family = family_of(pipe)
+        if family.denoiser != "transformer":
+            raise UserError("--model", f"{path} is a transformer's LoRA and {model} has a UNet",
+                            "pass the SD 3 or FLUX model the LoRA was trained on")
+        layers = family.lora_tensors(state)
+        writer = write_flux_kohya if isinstance(family, Flux) else write_sd3_kohya
+        writer(out, layers, config, dict(pipe.transformer.config), model, field="SOURCE")
         return
     layers = FAMILIES["StableDiffusionPipeline"].lora_tensors(state)
     # SD 2.x (OpenCLIP ViT-H) or 1.x (CLIP ViT-L), from what the cross-attention keys and values read

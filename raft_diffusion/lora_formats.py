@@ -251,12 +251,22 @@ def sd3_kohya_to_peft(state: dict[str, torch.Tensor], num_layers: int, targets: 
             ranks[module], alphas[module] = r, a
     if not layers:
         raise UserError(field, "the file holds no lora_unet_ layers", "pass a LoRA trained on this --model")
+    return layers, _peft_config(ranks, alphas)
+
+
+def _peft_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+    """The LoRA config (`r`, `lora_alpha`, rank and alpha patterns) giving each module its rank and alpha."""
     base = max(set(ranks.values()), key=list(ranks.values()).count)
     base_alpha = max({a for m, a in alphas.items() if ranks[m] == base}, key=list(alphas.values()).count)
-    config = {"r": base, "lora_alpha": base_alpha, "target_modules": sorted(ranks),
-              "rank_pattern": {m: r for m, r in ranks.items() if r != base},
-              "alpha_pattern": {m: a for m, a in alphas.items() if a != base_alpha}}
-    return layers, config
+    def key(module: str) -> str:
+        # PEFT matches a pattern key as a suffix (`(.*\.)?key$`): a module whose name ends another's
+        # (FLUX's top-level proj_out, a single block's proj_out) is anchored, or both would take its value
+        clash = any(other != module and other.endswith("." + module) for other in ranks)
+        return "^" + module if clash else module
+
+    return {"r": base, "lora_alpha": base_alpha, "target_modules": sorted(ranks),
+            "rank_pattern": {key(m): r for m, r in ranks.items() if r != base},
+            "alpha_pattern": {key(m): a for m, a in alphas.items() if a != base_alpha}}
 
 
 def sd3_targets(module_names: list[str], num_layers: int) -> dict[str, tuple[str, int | None, bool]]:

@@ -1,5 +1,5 @@
 """A LoRA file attached to a loaded pipeline, every layer of it or a one-line refusal: diffusers'
-names (a run's final/), kohya's for SD 1.x/2.x, and kohya's MMDiT layout for SD 3."""
+names (a run's final/), kohya's for SD 1.x/2.x, kohya's MMDiT layout for SD 3 and BFL layout for FLUX."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..errors import UserError
-from ..lora_formats import is_kohya, kohya_name, sd3_kohya_to_peft, sd3_targets
+from ..lora_formats import is_kohya, kohya_name
 from ..weights import read_tensors
 from .families import family_of
 
@@ -27,7 +27,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what save_adapter writes an
 def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lora",
               model: str = "this --model") -> None:
     """The LoRA saved in `directory` (a run's final/, or one LoRA .safetensors file: diffusers' names
-    or, for SD 1.x/2.x, kohya's) attached to `pipe`'s denoiser (UNet or transformer), every layer of
+    or kohya's: SD 1.x/2.x, SD 3's MMDiT layout, FLUX's BFL layout) attached to `pipe`'s denoiser (UNet or transformer), every layer of
     it, or a `UserError`.
 
     `pipe.load_lora_weights` leaves the layers it cannot place unattached, with a log line at most;
@@ -44,7 +44,7 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
     if is_kohya(state):
         if family.denoiser == "unet":
             return _load_kohya(pipe, path, state, field, model)
-        return _load_sd3_kohya(pipe, path, state, field, model)
+        return _load_transformer_kohya(pipe, family, path, state, field, model)
     expected = family.lora_tensors(state)
 
     def load() -> None:
@@ -92,21 +92,19 @@ def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torc
                         f"layer of this model's UNet{example}", f"pass a LoRA trained on {model}")
 
 
-def _load_sd3_kohya(pipe, path: Path, state: dict[str, torch.Tensor], field: str, model: str) -> None:
-    """A kohya-named SD 3 LoRA file (MMDiT layout: ours, or kohya sd-scripts') on diffusers' transformer:
-    each fused q/k/v LoRA split by rows into its parts (`lora_formats.sd3_kohya_to_peft`), then checked
-    as `load_lora` checks a diffusers file, value for value and strength for strength."""
+def _load_transformer_kohya(pipe, family, path: Path, state: dict[str, torch.Tensor], field: str, model: str) -> None:
+    """A kohya-named SD 3 (MMDiT layout) or FLUX (BFL layout) LoRA file, ours or kohya sd-scripts', on
+    diffusers' transformer: each fused LoRA (q/k/v; FLUX's linear1) split by rows into its parts
+    (`family.kohya_to_peft`), then checked as `load_lora` checks a diffusers file, value for value and
+    strength for strength."""
     transformer = pipe.transformer
-    n = int(transformer.config.num_layers)
-    names = [name for name, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    layers, config = sd3_kohya_to_peft(state, n, sd3_targets(names, n), field)
-    adapter, attached = _attach(transformer, lambda: StableDiffusion3Pipeline.load_lora_into_transformer(
-        {f"transformer.{k}": v for k, v in layers.items()}, transformer, _pipeline=pipe,
-        metadata={f"transformer.{k}": v for k, v in config.items()}), path, field, model)  # prefixed, as diffusers'
+    layers, config = family.kohya_to_peft(transformer, state, field)
+    adapter, attached = _attach(transformer, lambda: family.load_transformer_lora(pipe, layers, config), path,
+                                field, model)
     lost = [k for k, v in layers.items() if k not in attached or not torch.equal(attached[k].cpu(), v)]
     for module in config["target_modules"]:
-        rank = config["rank_pattern"].get(module, config["r"])
-        alpha = config["alpha_pattern"].get(module, config["lora_alpha"])
+        rank = config["rank_pattern"].get(module, config["rank_pattern"].get("^" + module, config["r"]))
+        alpha = config["alpha_pattern"].get(module, config["alpha_pattern"].get("^" + module, config["lora_alpha"]))
         scaling = transformer.get_submodule(module).scaling.get(adapter) if adapter else None
         if scaling is None or not math.isclose(scaling, alpha / rank, rel_tol=1e-6):
             lost.append(f"{module} (strength)")

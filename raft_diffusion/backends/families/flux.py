@@ -28,6 +28,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from ...config import GenerationConfig
 from ...errors import UserError
 from ...lora_formats import KOHYA_FILE
+from ...lora_formats_flux import check_flux_kohya, flux_kohya_to_peft, write_flux_kohya
 from .sd import Cond
 from .sd3 import StableDiffusion3
 
@@ -125,11 +126,19 @@ class Flux(StableDiffusion3):
                          denoiser_config: dict[str, Any], model_path: str) -> None:
         """The same LoRA in the BFL layout under kohya's names (`lora_formats_flux`): ComfyUI, Forge and
         kohya's sd-scripts load it."""
-        from ...lora_formats_flux import write_flux_kohya
-
         write_flux_kohya(f"{directory}/{KOHYA_FILE}", layers, config, denoiser_config, model_path)
 
     def check_client_lora(self, config: dict[str, Any]) -> None:
-        from ...lora_formats_flux import check_flux_kohya
-
         check_flux_kohya(config)
+
+    def kohya_to_peft(self, transformer, state: dict[str, torch.Tensor], field: str
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A kohya-named FLUX file (BFL layout) as PEFT layers and their LoRA config; diffusers' own
+        kohya FLUX reader assumes FLUX.1's widths (3072) and 19 + 38 blocks, this one reads any size."""
+        names = [name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+        return flux_kohya_to_peft(state, names, dict(transformer.config), field)
+
+    def load_transformer_lora(self, pipe, layers: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        FluxPipeline.load_lora_into_transformer(
+            {f"transformer.{k}": v for k, v in layers.items()}, None, pipe.transformer, _pipeline=pipe,
+            metadata={f"transformer.{k}": v for k, v in config.items()})

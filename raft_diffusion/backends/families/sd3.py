@@ -10,7 +10,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from ...config import GenerationConfig
 from ...errors import UserError
-from ...lora_formats import KOHYA_FILE, check_kohya, write_sd3_kohya
+from ...lora_formats import KOHYA_FILE, check_kohya, sd3_kohya_to_peft, sd3_targets, write_sd3_kohya
 from .sd import Cond, StableDiffusion
 
 
@@ -90,6 +90,19 @@ class StableDiffusion3(StableDiffusion):
 
     def check_client_lora(self, config: dict[str, Any]) -> None:
         check_kohya(config)
+
+    def kohya_to_peft(self, transformer, state: dict[str, torch.Tensor], field: str
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A kohya-named file of this family (MMDiT layout) as PEFT layers and their LoRA config."""
+        n = int(transformer.config.num_layers)
+        names = [name for name, m in transformer.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        return sd3_kohya_to_peft(state, n, sd3_targets(names, n), field)
+
+    def load_transformer_lora(self, pipe, layers: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """PEFT layers (no prefix) and their LoRA config attached by the pipeline's own loader."""
+        self.pipeline_class.load_lora_into_transformer(
+            {f"transformer.{k}": v for k, v in layers.items()}, pipe.transformer, _pipeline=pipe,
+            metadata={f"transformer.{k}": v for k, v in config.items()})  # prefixed, as diffusers' files are
 
     def lora_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
