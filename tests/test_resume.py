@@ -45,9 +45,13 @@ OBJECTIVES = {
 # sigmas come from the same training generator.
 SD3 = {"model": {"path": "builtin:tiny-sd3"},
        "lora": {"target_modules": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out"]}}
+FLUX = {"model": {"path": "builtin:tiny-flux"},
+        "lora": {"target_modules": ["to_q", "to_k", "to_v", "add_q_proj", "to_add_out", "proj_mlp", "proj_out"]}}
 RUNS = {**{name: {"training": training} for name, training in OBJECTIVES.items()},
         "sd3-reward_weighted-ema-anchor": {**SD3, "training": OBJECTIVES["reward_weighted-ema-anchor"]},
         "sd3-negative_aware-ema": {**SD3, "training": OBJECTIVES["negative_aware-ema"]},
+        # FLUX.1-dev's: packed latents, the token-count shift and the guidance embedding
+        "flux-reward_weighted-ema-anchor": {**FLUX, "training": OBJECTIVES["reward_weighted-ema-anchor"]},
         # candidates of another model and of a samples folder beside the policy's (their seeds and
         # draws are functions of the run seed and the iteration)
         "experts": {"generation": {"experts": [{"model": "builtin:tiny-sd", "per_prompt": 1, "steps": 2},
@@ -89,7 +93,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, objective):
         assert "EMA" in json.loads((killed / "run.json").read_text())["final"]
         # The saved adapter is the average, not the last trained weights.
         raw = load_file(str(straight / "checkpoints/iter_0002/adapter.safetensors"))
-        prefix = "transformer." if "sd3" in objective else "unet."
+        prefix = "transformer." if objective.startswith(("sd3", "flux")) else "unet."
         assert len(a) == len(raw) and not all(
             torch.equal(a[k], raw[k.removeprefix(prefix)]) for k in a if k.removeprefix(prefix) in raw)
         assert any(k.removeprefix(prefix) in raw for k in a)
