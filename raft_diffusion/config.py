@@ -51,6 +51,19 @@ class ModelConfig(_Strict):
 class DiffusionModelConfig(ModelConfig):
     """A diffusion pipeline: a hub id, a diffusers directory, one .safetensors/.ckpt file or builtin:NAME."""
 
+    # what a 24 GB GPU needs for SDXL and FLUX.1; none of them changes a result
+    cache_prompt_embeddings: bool = Field(
+        True, description="keep each distinct prompt's encodings on the CPU for the whole run, so the text "
+        "encoders run once per prompt (each prompt is encoded alone either way: the same bits)")
+    offload_text_encoders: bool = Field(
+        False, description="keep the text encoders on the CPU, on the GPU only while encoding new prompts "
+        "(FLUX.1's T5-XXL: 9.5 GB of bf16 weights)")
+    vae_slicing: bool = Field(
+        False, description="decode and encode images through the VAE one at a time, not a whole batch at once")
+    vae_tiling: bool = Field(
+        False, description="decode large images in overlapping tiles (less memory; the seams are blended, so "
+        "pixels change slightly)")
+
 
 class TextModelConfig(ModelConfig):
     """A causal language model, possibly a GGUF file, possibly with the repo's own code."""
@@ -270,7 +283,9 @@ class TrainingConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
     weight_decay: float = Field(1.0e-2, ge=0, description="AdamW weight decay")
-    gradient_checkpointing: bool = Field(False, description="trade compute for memory")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the denoiser's (or LLM's) blocks in the backward pass instead of keeping "
+        "their activations: less memory, about a third more training compute, the same result")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="autocast dtype of the fine-tuning forward passes (the LoRA weights stay float32); "
         "fp16 adds a loss scaler, saved in every checkpoint; works on CPU and CUDA"

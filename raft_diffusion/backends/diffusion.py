@@ -33,7 +33,7 @@ from ..weights import canonicalize_safetensors
 from .families import Cond, family_of
 from .loading import BUILTINS, check_resolution, load_pipeline, make_scheduler
 from .lora_io import LORA_WEIGHTS
-from .sampling import DiffusionExpert, take_cond, encode_images, encode_prompts, generate_latents
+from .sampling import DiffusionExpert, PromptEncoder, memory_options, take_cond, encode_images, generate_latents
 from .training import LoraTraining, check_lora_targets, fine_tune
 
 def _present_targets(denoiser, targets: list[str], family, say: bool) -> list[str]:
@@ -88,15 +88,18 @@ class DiffusionBackend(LoraTraining):
             unet.enable_gradient_checkpointing()
         pipe.to(self.device)
         self.pipe = pipe
-        with torch.inference_mode():  # what caption dropout trains the unconditional branch on
-            self.empty_embeds = {k: v.float().cpu() for k, v in family.encode(pipe, [""], False, "")[0].items()}
+        memory_options(pipe, config.model)
+        self.encode = PromptEncoder(pipe, config.model.cache_prompt_embeddings, config.model.offload_text_encoders)
+        # what caption dropout trains the unconditional branch on
+        unguided = gen.model_copy(update={"guidance_scale": 1.0, "negative_prompt": ""})
+        self.empty_embeds = {k: v.float().cpu() for k, v in self.encode([""], unguided)[0].items()}
         self.denoiser = self._prepare_training(unet, config, accelerator)
         self.noise_scheduler = family.training_scheduler(pipe)
 
     # -- generation -------------------------------------------------------------------------
 
     def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate") -> Samples:
-        cond, uncond = encode_prompts(self.pipe, prompts, self.config.generation)
+        cond, uncond = self.encode(prompts, self.config.generation)
         latents, images = generate_latents(self.pipe, cond, uncond, seeds, self.config.generation, desc,
                                            show=self.accelerator.is_local_main_process)
         return Samples(prompts=list(prompts), seeds=list(seeds), outputs=images,
@@ -118,7 +121,7 @@ class DiffusionBackend(LoraTraining):
         """Expert images as candidates the LoRA trains on: latents from this pipeline's VAE, prompt
         encodings from its text encoders (what `generate` keeps of its own samples)."""
         gen = self.config.generation
-        cond, _ = encode_prompts(self.pipe, prompts, gen)
+        cond, _ = self.encode(prompts, gen)
         latents = encode_images(self.pipe, images, gen.batch_size)
         return Samples(prompts=list(prompts), seeds=list(seeds), outputs=images.float().cpu(),
                        payload={"latents": latents, **{k: v.float().cpu() for k, v in cond.items()}})

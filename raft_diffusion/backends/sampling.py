@@ -1,4 +1,4 @@
-"""Sampling a diffusers pipeline as RAFT does: prompts encoded once each, one CPU generator per
+"""Sampling a diffusers pipeline as RAFT does: prompts encoded once each (and kept, `PromptEncoder`), one CPU generator per
 sample (its noise depends on its seed alone), final latents kept beside the decoded images; and
 images encoded back to latents (expert candidates)."""
 
@@ -26,16 +26,88 @@ def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torc
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-@torch.inference_mode()
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+class PromptEncoder:
+    """A pipeline's prompt encodings, each distinct prompt encoded alone: its encoding is then the same
+    whichever prompts share the call (batched CLIP/T5 passes can differ in the last bits), so a resumed
+    run encodes exactly as the uninterrupted one did, and keeping them changes no result.
+
+    - `keep` (`model.cache_prompt_embeddings`): every encoding is kept on the CPU for the rest of the
+      run, and a prompt seen before is never encoded again (FLUX.1's T5-XXL: about 4 MB a prompt);
+    - `offload` (`model.offload_text_encoders`): the text encoders live on the CPU and visit the
+      denoiser's device only to encode prompts not kept yet (FLUX.1's T5-XXL is 9.5 GB in bf16).
+    """
+
+    def __init__(self, pipe, keep: bool = False, offload: bool = False):
+        self.pipe, self.keep, self.offload = pipe, keep, offload
+        self.kept: dict[tuple[str, bool, str], tuple[Cond, Cond | None]] = {}
+        self.encoded = 0  # prompts run through the text encoders (what `keep` saves)
+        if offload:
+            self._encoders_to("cpu")
+
+    def _encoders(self) -> list[torch.nn.Module]:
+        return [m for name in TEXT_ENCODERS if isinstance(m := getattr(self.pipe, name, None), torch.nn.Module)]
+
+    def _encoders_to(self, device) -> None:
+        for module in self._encoders():
+            module.to(device)
+
+    def _device(self):
+        return getattr(self.pipe, family_of(self.pipe).denoiser).device
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str], gen: GenerationConfig) -> tuple[Cond, Cond | None]:
+        """The encodings of `prompts` and of the negative prompt (None without guidance), on the
+        denoiser's device: {"prompt_embeds": (N, L, D)}, plus "pooled_prompt_embeds" (N, P) for SD 3
+        and FLUX."""
+        guided = gen.guidance_scale > 1
+        unique = list(dict.fromkeys(prompts))
+        family = family_of(self.pipe)
+        fresh = [p for p in unique if (p, guided, gen.negative_prompt) not in self.kept]
+        found = {p: self.kept[(p, guided, gen.negative_prompt)] for p in unique if p not in fresh}
+        if fresh:
+            if self.offload:
+                self._encoders_to(self._device())
+            try:
+                for p in fresh:
+                    cond, uncond = family.encode(self.pipe, [p], guided, gen.negative_prompt)
+                    found[p] = (_to(cond, "cpu"), _to(uncond, "cpu") if uncond is not None else None)
+                    self.encoded += 1
+                    if self.keep:
+                        self.kept[(p, guided, gen.negative_prompt)] = found[p]
+            finally:
+                if self.offload:
+                    self._encoders_to("cpu")
+        device = self._device()
+        where = [unique.index(p) for p in prompts]
+        cond = _to(_stack([found[p][0] for p in unique], where), device)
+        uncond = _to(_stack([found[p][1] for p in unique], where), device) if found[unique[0]][1] is not None else None
+        return cond, uncond
+
+
+def memory_options(pipe, model) -> None:
+    """`model.vae_slicing` / `model.vae_tiling` (a `DiffusionModelConfig`) set on the pipeline's VAE."""
+    if model.vae_slicing:
+        pipe.vae.enable_slicing()
+    if model.vae_tiling:
+        pipe.vae.enable_tiling()
+
+
+def _stack(parts: list[Cond], where: list[int]) -> Cond:
+    return {k: torch.cat([c[k] for c in parts])[where] for k in parts[0]}
+
+
+def _to(cond: Cond, device) -> Cond:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str], gen: GenerationConfig
                    ) -> tuple[Cond, Cond | None]:
     """The encodings of prompts and of the negative prompt (None without guidance), each distinct
-    text encoded once: {"prompt_embeds": (N, L, D)}, plus "pooled_prompt_embeds" (N, P) for SD 3."""
-    unique = list(dict.fromkeys(prompts))
-    guided = gen.guidance_scale > 1
-    cond, uncond = family_of(pipe).encode(pipe, unique, guided, gen.negative_prompt)
-    where = torch.tensor([unique.index(p) for p in prompts], device=cond["prompt_embeds"].device)
-    return take_cond(cond, where), (take_cond(uncond, where) if uncond is not None else None)
+    text encoded once (`PromptEncoder`, nothing kept)."""
+    return PromptEncoder(pipe)(prompts, gen)
 
 
 def take_cond(cond: Cond, index) -> Cond:
@@ -109,7 +181,9 @@ class DiffusionExpert:
                 part.requires_grad_(False).eval()
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
+        memory_options(pipe, config.model)
+        self.encode = PromptEncoder(pipe, config.model.cache_prompt_embeddings, config.model.offload_text_encoders)
 
     def generate(self, prompts: list[str], seeds: list[int], desc: str) -> torch.Tensor:
-        cond, uncond = encode_prompts(self.pipe, prompts, self.gen)
+        cond, uncond = self.encode(prompts, self.gen)
         return generate_latents(self.pipe, cond, uncond, seeds, self.gen, desc)[1]
