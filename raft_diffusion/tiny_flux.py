@@ -122,7 +122,10 @@ def flux_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
+        # built where it will run: random init of 17 B parameters is minutes on a CPU, seconds on a GPU
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
+            torch.set_default_device(device)
             transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                                                  attention_head_dim=128, num_attention_heads=24,
                                                  joint_attention_dim=4096, pooled_projection_dim=768,
@@ -142,6 +145,7 @@ def flux_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> 
                                 scaling_factor=0.3611)
         finally:
             torch.set_default_dtype(previous)
+            torch.set_default_device(None)
     pipe = FluxPipeline(scheduler=flux_scheduler(True), vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
                         text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer(), transformer=transformer)
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.transformer):
