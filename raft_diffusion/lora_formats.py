@@ -244,14 +244,40 @@ def sd3_kohya_to_peft(state: dict[str, torch.Tensor], num_layers: int, targets: 
         target = matches[0]
         r = int(down.shape[0])
         a = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(r)
+        blocks = block_parts(down, up, [up.shape[0] // 3] * 3)
         for module, part, swap in by_target[target]:
-            rows = up if part is None else up[part * (up.shape[0] // 3):(part + 1) * (up.shape[0] // 3)]
-            layers[f"{module}.lora_A.weight"] = down.contiguous()
+            if part is not None and blocks is not None:  # kohya's own block-diagonal layout: each part exactly
+                part_down, rows = blocks[part]
+                ranks[module], alphas[module] = part_down.shape[0], a * part_down.shape[0] / r
+            else:
+                part_down = down
+                rows = up if part is None else up[part * (up.shape[0] // 3):(part + 1) * (up.shape[0] // 3)]
+                ranks[module], alphas[module] = r, a
+            layers[f"{module}.lora_A.weight"] = part_down.contiguous()
             layers[f"{module}.lora_B.weight"] = (_swap_halves(rows) if swap else rows).contiguous()
-            ranks[module], alphas[module] = r, a
     if not layers:
         raise UserError(field, "the file holds no lora_unet_ layers", "pass a LoRA trained on this --model")
     return layers, _peft_config(ranks, alphas)
+
+
+def block_parts(down: torch.Tensor, up: torch.Tensor, widths: list[int]
+                ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """A fused LoRA's parts, (down, up) each, where it is block-diagonal as kohya saves split layers
+    (and we write them): rank n x r for n parts, part p's up rows zero outside columns p r .. (p + 1) r.
+    Then each part is attached as the rank-r LoRA it was trained as, tensor for tensor; otherwise None
+    (every part then takes the whole down and its rows of the up: the same update at n x the rank)."""
+    n, rank = len(widths), down.shape[0] // len(widths)
+    if rank == 0 or down.shape[0] % n or up.shape[0] != sum(widths):
+        return None
+    parts, start = [], 0
+    for p, width in enumerate(widths):
+        rows = up[start:start + width]
+        inside = rows[:, p * rank:(p + 1) * rank]
+        if rows.count_nonzero() != inside.count_nonzero():
+            return None
+        parts.append((down[p * rank:(p + 1) * rank], inside))
+        start += width
+    return parts
 
 
 def _peft_config(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:

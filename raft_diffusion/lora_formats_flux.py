@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import write_file_atomically
 from .errors import UserError
-from .lora_formats import _pairs, _peft_config, _swap_halves, check_kohya, kohya_name
+from .lora_formats import _pairs, _peft_config, _swap_halves, block_parts, check_kohya, kohya_name
 from .weights import canonical_safetensors
 
 FLUX_MLP_RATIO = 4  # FluxSingleTransformerBlock's proj_mlp: 4 x the inner width (diffusers and BFL)
@@ -156,6 +156,7 @@ def flux_kohya_to_peft(state: dict[str, torch.Tensor], module_names: list[str], 
         r = int(down.shape[0])
         a = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(r)
         for module, target, part, swap in by_target[name]:
+            part_down, part_rank, part_alpha = down, r, a
             if part is None:
                 rows = up
             else:
@@ -163,13 +164,18 @@ def flux_kohya_to_peft(state: dict[str, torch.Tensor], module_names: list[str], 
                 if up.shape[0] != sum(widths):
                     raise UserError(field, f"{name} has {up.shape[0]} rows, not this model's {sum(widths)}",
                                     "pass a LoRA trained on this --model")
-                start = sum(widths[:part])
-                rows = up[start:start + widths[part]]
-                if not rows.any():
+                blocks = block_parts(down, up, widths)
+                if blocks is not None:  # block-diagonal (ours, kohya's split layers): each part exactly
+                    part_down, rows = blocks[part]
+                    part_rank, part_alpha = part_down.shape[0], a * part_down.shape[0] / r
+                else:
+                    start = sum(widths[:part])
+                    rows = up[start:start + widths[part]]
+                if not rows.any():  # a part the file does not train
                     continue
-            layers[f"{module}.lora_A.weight"] = down.contiguous()
+            layers[f"{module}.lora_A.weight"] = part_down.contiguous()
             layers[f"{module}.lora_B.weight"] = (_swap_halves(rows) if swap else rows).contiguous()
-            ranks[module], alphas[module] = r, a
+            ranks[module], alphas[module] = part_rank, part_alpha
     if not layers:
         raise UserError(field, "the file holds no lora_unet_ layers", "pass a LoRA trained on this --model")
     return layers, _peft_config(ranks, alphas)

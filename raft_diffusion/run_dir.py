@@ -40,7 +40,11 @@ except ImportError:  # Windows: fall back to an O_EXCL pid file
 
 # Fields a resumed run may change: how long it runs, and where it lives.
 # report.*: what the report flags; logging.*: where the numbers are also sent
-RESUMABLE_CHANGES = {("raft", "iterations"), ("output_dir",), ("report",), ("logging",)}
+# model.* / training.gradient_checkpointing: the memory knobs (a run that ran out of memory resumes with
+# one on; all but vae_tiling change no result, and a run from before they existed has none of them)
+MEMORY_KNOBS = {("model", "cache_prompt_embeddings"), ("model", "offload_text_encoders"), ("model", "vae_slicing"),
+                ("model", "vae_tiling"), ("training", "gradient_checkpointing")}
+RESUMABLE_CHANGES = {("raft", "iterations"), ("output_dir",), ("report",), ("logging",), *MEMORY_KNOBS}
 # Everything a run writes at the top of its directory; nothing else is ever removed.
 RUN_ENTRIES = frozenset({
     "config.yaml", "run.json", "metrics.jsonl", "samples", "checkpoints", "final", ".lock",

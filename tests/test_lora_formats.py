@@ -159,12 +159,16 @@ def test_generate_takes_the_kohya_file(finished_run, tmp_path):
             str(row["seed"]), "--resolution", str(g.resolution), "--steps", str(g.steps),
             "--guidance-scale", str(g.guidance_scale), "--scheduler", g.scheduler, "--eta", str(g.eta),
             "--negative-prompt", g.negative_prompt]
+    made = []
     for source in (run / "final" / KOHYA_FILE, run / "final" / "pytorch_lora_weights.safetensors"):
         out = tmp_path / source.stem
         assert main([*args, "--lora", str(source), "--out", str(out)]) == 0
-        again = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / f"{row['seed']:06d}.png"))
-        np.testing.assert_array_equal(again, np.asarray(
-            __import__("PIL.Image", fromlist=["Image"]).open(eval_dir / row["file"])))
+        made.append(np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / f"{row['seed']:06d}.png")))
+    np.testing.assert_array_equal(made[0], made[1])  # the kohya file is the diffusers one, pixel for pixel
+    # and the run's own eval image: that one was sampled in a batch with another prompt's, and a CPU's
+    # kernels may round a batch of 2 differently from a batch of 1 (an AMD EPYC here: 1 value of 12288, by 1)
+    written = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(eval_dir / row["file"])).astype(int)
+    assert np.abs(made[0].astype(int) - written).max() <= 1 and (made[0] != written).mean() < 0.001
 
 
 def test_generate_refuses_a_kohya_file_of_another_model(tmp_path, capfd):
