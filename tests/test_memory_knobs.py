@@ -135,3 +135,25 @@ def test_vae_slicing_decodes_one_image_at_a_time_and_tiling_in_tiles(tmp_path):
 
     backend = DiffusionBackend(config, Accelerator(cpu=True))
     assert backend.pipe.vae.use_slicing and backend.pipe.vae.use_tiling
+
+
+def test_a_run_resumes_with_a_memory_knob_switched_but_not_with_another_setting_changed(tmp_path):
+    import yaml
+
+    from raft_diffusion.config import config_to_yaml
+    from raft_diffusion.errors import UserError
+    from raft_diffusion.run_dir import RunDirectory
+
+    cfg = RunConfig.model_validate(deep_update(TINY_CONFIG, {"output_dir": str(tmp_path / "run")}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_to_yaml(cfg))
+    knobs = yaml.safe_load(config_to_yaml(cfg))
+    knobs["model"].update(offload_text_encoders=True, vae_slicing=True, cache_prompt_embeddings=False)
+    knobs["training"]["gradient_checkpointing"] = True
+    directory = RunDirectory(run)
+    assert directory.claim(knobs, resume=True, overwrite=False) == "resume"
+    directory.abandon()
+    knobs["model"]["dtype"] = "bfloat16"
+    with pytest.raises(UserError, match="config model.dtype: differs from the run's"):
+        RunDirectory(run).claim(knobs, resume=True, overwrite=False)
