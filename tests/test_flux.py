@@ -236,6 +236,7 @@ def test_a_saved_flux_directory_and_a_bfl_single_file_are_recognised(tmp_path):
     pipe.save_pretrained(tmp_path / "flux")
     loaded = load_pipeline(str(tmp_path / "flux"))
     assert type(loaded) is FluxPipeline and loaded.tokenizer_2 is not None
+    assert loaded.config.get("_t5_tokens") == pipe.config._t5_tokens == 32  # its T5 length comes back too
     assert all(torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), loaded.transformer.parameters()))
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, tmp_path / "flux1-dev.safetensors")
     assert _single_file_class(tmp_path / "flux1-dev.safetensors") is FluxPipeline

@@ -19,6 +19,7 @@ from .families import FAMILIES, family_of
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+OWN_CONFIG = ("_t5_tokens",)  # pipeline config keys of raft-diffusion's, kept through save_pretrained
 BUILTINS = tuple(model_registry.DIFFUSION_BUILTINS)
 
 
@@ -63,7 +64,12 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
             for name in family.clip_tokenizers:
                 if not (local / name).is_dir():
                     extra[name] = clip_tokenizer()
-            return family.pipeline_class.from_pretrained(str(local), torch_dtype=torch_dtype, **extra)
+            pipe = family.pipeline_class.from_pretrained(str(local), torch_dtype=torch_dtype, **extra)
+            # what a builtin registered of its own (tiny-flux's `_t5_tokens`), which from_pretrained drops
+            ours = {k: v for k, v in index.items() if k in OWN_CONFIG}
+            if ours:
+                pipe.register_to_config(**ours)
+            return pipe
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - report the loader's reason in one line
