@@ -51,6 +51,12 @@ class ModelConfig(_Strict):
 class DiffusionModelConfig(ModelConfig):
     """A diffusion pipeline: a hub id, a diffusers directory, one .safetensors/.ckpt file or builtin:NAME."""
 
+    vae: str | None = Field(
+        None,
+        description="diffusion: an AutoencoderKL (hub id or local diffusers dir) that replaces the pipeline's VAE, "
+        "e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16; default: the pipeline's own",
+    )
+
 
 class TextModelConfig(ModelConfig):
     """A causal language model, possibly a GGUF file, possibly with the repo's own code."""
