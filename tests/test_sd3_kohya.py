@@ -153,7 +153,9 @@ def test_an_sd3_run_writes_the_file_and_it_loads_back_and_reproduces_the_eval_im
                        for k in qkv)  # three rank-4 parts stacked, alpha scaled with them: 24 / 12 = 8 / 4
     pipe = load_pipeline("builtin:tiny-sd3")
     load_lora(pipe, path)  # `generate --lora` and experts: every layer, at its strength
-    assert_reproduces_eval(pipe, config, run / "samples/iter_0000/eval")
+    # the fused q/k/v LoRAs come back as rank-12 block-diagonal parts (zeros beside each rank-4 one): the
+    # same update through a wider inner product, which CPU matmuls round differently (a grey level, rarely)
+    assert_reproduces_eval(pipe, config, run / "samples/iter_0000/eval", grey_levels=1)
     with pytest.raises(UserError, match="match no layer|does not fit"):
         load_lora(load_pipeline("builtin:tiny-sd"), path)  # on an SD 1.x UNet: refused
     # a run made before final/ held the file: `export --format kohya` makes the same bytes from the diffusers file
