@@ -163,8 +163,10 @@ def test_generate_takes_the_kohya_file(finished_run, tmp_path):
         out = tmp_path / source.stem
         assert main([*args, "--lora", str(source), "--out", str(out)]) == 0
         again = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / f"{row['seed']:06d}.png"))
-        np.testing.assert_array_equal(again, np.asarray(
-            __import__("PIL.Image", fromlist=["Image"]).open(eval_dir / row["file"])))
+        # one image alone against the run's batch of 8: within one grey level (README, `generate`;
+        # batched float sums round differently on the CPU; failed here on 1 of 12,288 values)
+        np.testing.assert_allclose(again.astype(int), np.asarray(
+            __import__("PIL.Image", fromlist=["Image"]).open(eval_dir / row["file"])).astype(int), atol=1, rtol=0)
 
 
 def test_generate_refuses_a_kohya_file_of_another_model(tmp_path, capfd):
