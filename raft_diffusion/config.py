@@ -321,6 +321,10 @@ MOVED_TRAINING_FIELDS = {
     "nft_beta": ("negative_aware", "beta"),
     "nft_advantage_clip": ("negative_aware", "advantage_clip"),
 }
+# Fields added since runs saved their config.yaml: (section, field) -> the default an older run ran with.
+ADDED_FIELDS = {
+    ("model", "vae"): None,  # diffusion: the pipeline's own VAE
+}
 
 
 class RaftConfig(_Strict):
@@ -557,7 +561,8 @@ def migrate_saved_config(data: Any) -> Any:
     """A run's saved config.yaml fields (as read) in today's layout: a run made before the config
     was split by backend lists every field of both backends, defaults included, and the objectives'
     knobs under their flat names (training.beta, nft_beta, nft_advantage_clip). The other backend's
-    fields at their defaults are dropped and the knobs moved to their blocks, so that --resume
+    fields at their defaults are dropped, the knobs moved to their blocks and fields added since
+    (`ADDED_FIELDS`) given the default the run had, so that --resume
     compares the run's config with today's; anything else is left for validation to name."""
     if not isinstance(data, dict):
         return data
@@ -577,6 +582,10 @@ def migrate_saved_config(data: Any) -> Any:
             target = training.setdefault(block, {})
             if isinstance(target, dict) and name not in target:
                 target[name] = training.pop(old)
+    for (section, name), default in ADDED_FIELDS.items():
+        fields = data.get(section)
+        if isinstance(fields, dict) and name in cls.SECTIONS[section].model_fields:
+            fields.setdefault(name, default)
     return _other_backend_fields(cls, data, refuse=False)
 
 
