@@ -115,7 +115,7 @@ def sdxl_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float16) -> S
                                      add_watermarker=False)
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.unet):
         part.eval()
-    return pipe.to(dtype=dtype)
+    return pipe
 
 
 # builtin:NAME (model_registry.DIFFUSION_BUILTINS)

@@ -293,3 +293,16 @@ def test_sdxl_random_has_sdxl_base_architecture_without_building_it():
     clip_l, big_g = sdxl_text_configs()
     assert (clip_l.hidden_size + big_g.hidden_size, big_g.projection_dim) == (2048, 1280)
     assert unet.config.projection_class_embeddings_input_dim == 6 * 256 + big_g.projection_dim
+
+
+def test_a_refiner_like_unet_with_aesthetic_score_ids_is_refused():
+    # the refiner's added conditioning: five ids (sizes and the aesthetic score), not base SDXL's six
+    from raft_diffusion.tiny_sdxl import tiny_sdxl_unet
+
+    pipe = load_pipeline("builtin:tiny-sdxl")
+    unet = tiny_sdxl_unet()
+    unet.register_to_config(projection_class_embeddings_input_dim=5 * 8 + 32)
+    pipe.unet = unet
+    with pytest.raises(UserError, match="added-conditioning values"):
+        family_of(pipe).bind(pipe)
+    family_of(pipe).bind(load_pipeline("builtin:tiny-sdxl"))  # base SDXL's: accepted
