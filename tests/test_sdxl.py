@@ -192,15 +192,41 @@ def test_every_kind_of_layer_round_trips_through_diffusers_kohya_loader(tmp_path
     load_lora(load_pipeline("builtin:tiny-sdxl"), path)
 
 
-def test_export_kohya_of_a_lone_diffusers_sdxl_file_needs_no_model_for_sdxl_base(tmp_path, capfd):
-    # SDXL base's UNet layout, small: 2048-wide cross-attention tells SDXL apart from SD 1.x/2.x
+def _small_sdxl_base_unet() -> UNet2DConditionModel:
+    """SDXL base's UNet layout (three resolutions, 2048-wide cross-attention), narrow."""
     from raft_diffusion.tiny_sdxl import sdxl_unet_config
 
     config = {**sdxl_unet_config(), "block_out_channels": (32, 32, 64), "attention_head_dim": (2, 2, 2),
-              "transformer_layers_per_block": (1, 1, 1), "addition_time_embed_dim": 8,
+              "transformer_layers_per_block": (1, 1, 2), "addition_time_embed_dim": 8,
               "projection_class_embeddings_input_dim": 6 * 8 + 16, "norm_num_groups": 8}
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config)
+    return UNet2DConditionModel(**config)
+
+
+@pytest.mark.parametrize("which", ["tiny-sdxl", "sdxl-base-layout"])
+def test_the_sgm_names_are_the_layout_diffusers_reads_sdxl_single_files_in(which):
+    # ComfyUI and Forge map `lora_unet_<checkpoint module>` onto an SDXL checkpoint's own weights: so every
+    # UNet tensor, put under its module's SGM name, must be the single file diffusers' converter reads back
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from raft_diffusion.ldm_layout import sgm_unet_module
+
+    unet = load_pipeline("builtin:tiny-sdxl").unet if which == "tiny-sdxl" else _small_sdxl_base_unet()
+    config = dict(unet.config)
+    own = unet.state_dict()
+    checkpoint = {}
+    for key, value in own.items():
+        module, _, leaf = key.rpartition(".")
+        checkpoint[f"model.diffusion_model.{sgm_unet_module(module, config)}.{leaf}"] = value
+    assert len(checkpoint) == len(own)
+    assert "model.diffusion_model.label_emb.0.0.weight" in checkpoint
+    back = convert_ldm_unet_checkpoint(checkpoint, config)
+    assert back.keys() == own.keys() and all(torch.equal(back[k], own[k]) for k in own)
+
+
+def test_export_kohya_of_a_lone_diffusers_sdxl_file_needs_no_model_for_sdxl_base(tmp_path, capfd):
+    # SDXL base's UNet layout, small: 2048-wide cross-attention tells SDXL apart from SD 1.x/2.x
+    unet = _small_sdxl_base_unet()
     layers, lora = _random_lora(unet, ["to_k", "to_v", "conv1"])
     StableDiffusionXLPipeline.save_lora_weights(str(tmp_path / "lone"), unet_lora_layers=layers,
                                                 unet_lora_adapter_metadata={**lora, "target_modules": ["to_k"]})
