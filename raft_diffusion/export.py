@@ -53,6 +53,7 @@ class Source:
     gguf_file: str | None = None
     lora_file: Path | None = None  # the LoRA file (final/'s own, or the one given)
     kohya: bool = False  # whether lora_file is kohya-named
+    vae: str | None = None  # the run's model.vae (diffusion), which a merged pipeline carries
 
 
 def read_source(source: Path, model: str | None) -> Source:
@@ -71,13 +72,14 @@ def read_source(source: Path, model: str | None) -> Source:
         final = source / "final"
         kind = _kind_named(saved.get("backend", "diffusion"), source / "config.yaml")
         gguf = saved_model.get("gguf_file")
+        vae = saved_model.get("vae") if model is None else None  # the run's VAE goes with the run's model
         model = model if model is not None else saved_model.get("path")
     else:
-        final, gguf = source, None
+        final, gguf, vae = source, None, None
         kind = lora_dir_kind(source)
     if not (final / kind.lora_file).is_file():
         raise UserError("SOURCE", f"no {kind.lora_file} in {final}", "pass a finished run's directory or its final/")
-    return Source(kind, final, model, gguf, final / kind.lora_file)
+    return Source(kind, final, model, gguf, final / kind.lora_file, vae=vae if isinstance(vae, str) else None)
 
 
 def _kind_named(name: str, where: Path):
@@ -238,7 +240,7 @@ def _unet_config_of(model: str) -> dict | None:
 def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
     from diffusers import StableDiffusionPipeline
 
-    pipe = load_pipeline(src.model, field="--model")
+    pipe = load_pipeline(src.model, field="--model", vae=src.vae)  # with the run's model.vae, as it sampled
     single = out.suffix == ".safetensors"
     if single and not isinstance(pipe, StableDiffusionPipeline):
         raise UserError("--out", f"a merged {type(pipe).__name__} has no single-file layout here",

@@ -288,6 +288,13 @@ def test_model_vae_replaces_the_pipelines_vae_and_offline_is_one_line(tmp_path, 
     vae.save_pretrained(tmp_path / "vae")
     pipe = load_pipeline("builtin:tiny-sdxl", vae=str(tmp_path / "vae"), field="config model.path")
     assert all(bool((p == 0.01).all()) for p in pipe.vae.parameters())
+    # a run with it samples through it, and its merged export carries it
+    run_config = write_yaml(tmp_path / "v.yaml", deep_update(deep_update(TINY_CONFIG, SDXL), {
+        "model": {"vae": str(tmp_path / "vae")}, "raft": {"iterations": 1}, "eval": {"every": 0}}))
+    assert main(["train", str(run_config), "--output-dir", str(tmp_path / "vae-run")]) == 0
+    assert main(["export", str(tmp_path / "vae-run"), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    merged = load_pipeline(str(tmp_path / "merged"))
+    assert type(merged) is StableDiffusionXLPipeline and all(bool((p == 0.01).all()) for p in merged.vae.parameters())
     config = write_yaml(tmp_path / "c.yaml", deep_update(deep_update(TINY_CONFIG, SDXL),
                                                          {"model": {"vae": "madebyollin/sdxl-vae-fp16-fix"}}))
     code = main(["train", str(config), "--output-dir", str(tmp_path / "run")])
