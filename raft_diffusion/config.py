@@ -51,6 +51,12 @@ class ModelConfig(_Strict):
 class DiffusionModelConfig(ModelConfig):
     """A diffusion pipeline: a hub id, a diffusers directory, one .safetensors/.ckpt file or builtin:NAME."""
 
+    vae: str | None = Field(
+        None,
+        description="diffusion: an AutoencoderKL (hub id or local diffusers dir) that replaces the pipeline's VAE, "
+        "e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16; default: the pipeline's own",
+    )
+
     # what a 24 GB GPU needs for SDXL and FLUX.1; none of them changes a result
     cache_prompt_embeddings: bool = Field(
         True, description="keep each distinct prompt's encodings on the CPU for the whole run, so the text "
@@ -330,6 +336,13 @@ MOVED_TRAINING_FIELDS = {
     "nft_beta": ("negative_aware", "beta"),
     "nft_advantage_clip": ("negative_aware", "advantage_clip"),
 }
+# Fields added since runs saved their config.yaml: (section, field) -> the default an older run ran with.
+ADDED_FIELDS = {
+    ("model", "vae"): None,  # diffusion: the pipeline's own VAE
+    # diffusion: the memory knobs at today's defaults (they change no result, and a resumed run may switch them)
+    ("model", "cache_prompt_embeddings"): True, ("model", "offload_text_encoders"): False,
+    ("model", "vae_slicing"): False, ("model", "vae_tiling"): False,
+}
 
 
 class RaftConfig(_Strict):
@@ -566,7 +579,8 @@ def migrate_saved_config(data: Any) -> Any:
     """A run's saved config.yaml fields (as read) in today's layout: a run made before the config
     was split by backend lists every field of both backends, defaults included, and the objectives'
     knobs under their flat names (training.beta, nft_beta, nft_advantage_clip). The other backend's
-    fields at their defaults are dropped and the knobs moved to their blocks, so that --resume
+    fields at their defaults are dropped, the knobs moved to their blocks and fields added since
+    (`ADDED_FIELDS`) given the default the run had, so that --resume
     compares the run's config with today's; anything else is left for validation to name."""
     if not isinstance(data, dict):
         return data
@@ -586,6 +600,10 @@ def migrate_saved_config(data: Any) -> Any:
             target = training.setdefault(block, {})
             if isinstance(target, dict) and name not in target:
                 target[name] = training.pop(old)
+    for (section, name), default in ADDED_FIELDS.items():
+        fields = data.get(section)
+        if isinstance(fields, dict) and name in cls.SECTIONS[section].model_fields:
+            fields.setdefault(name, default)
     return _other_backend_fields(cls, data, refuse=False)
 
 

@@ -3,8 +3,8 @@
 - `diffusers` (diffusion runs): `pytorch_lora_weights.safetensors`, as `final/` holds it, for
   `pipe.load_lora_weights(OUT)`.
 - `kohya` (diffusion runs): one `.safetensors` file under kohya's names with its alpha and `ss_*`
-  metadata (`final/lora_kohya.safetensors`; SD 3 on the MMDiT layout), for ComfyUI, Forge,
-  AUTOMATIC1111 and kohya sd-scripts.
+  metadata (`final/lora_kohya.safetensors`; SDXL on its SGM UNet layout, SD 3 on the MMDiT
+  layout), for ComfyUI, Forge, AUTOMATIC1111 and kohya sd-scripts.
   A run made before final/ held that file, or a lone diffusers-named LoRA file, is converted: its
   rank and alpha come from the LoRA config diffusers keeps in the header (`lora_adapter_metadata`).
 - `peft` (text runs): the PEFT adapter (`adapter_model.safetensors`, `adapter_config.json`), for
@@ -36,7 +36,7 @@ from .backends.lora_io import load_lora, lora_metadata
 from .backends.text import attach_adapter, load_causal_lm
 from .config import read_saved_config
 from .ldm_layout import pipeline_to_ldm
-from .lora_formats import KOHYA_FILE, is_kohya, write_kohya, write_sd3_kohya
+from .lora_formats import KOHYA_FILE, is_kohya, write_kohya, write_sd3_kohya, write_sdxl_kohya
 from .lora_formats_flux import write_flux_kohya
 from .weights import read_tensors
 
@@ -54,6 +54,7 @@ class Source:
     gguf_file: str | None = None
     lora_file: Path | None = None  # the LoRA file (final/'s own, or the one given)
     kohya: bool = False  # whether lora_file is kohya-named
+    vae: str | None = None  # the run's model.vae (diffusion), which a merged pipeline carries
 
 
 def read_source(source: Path, model: str | None) -> Source:
@@ -72,13 +73,14 @@ def read_source(source: Path, model: str | None) -> Source:
         final = source / "final"
         kind = _kind_named(saved.get("backend", "diffusion"), source / "config.yaml")
         gguf = saved_model.get("gguf_file")
+        vae = saved_model.get("vae") if model is None else None  # the run's VAE goes with the run's model
         model = model if model is not None else saved_model.get("path")
     else:
-        final, gguf = source, None
+        final, gguf, vae = source, None, None
         kind = lora_dir_kind(source)
     if not (final / kind.lora_file).is_file():
         raise UserError("SOURCE", f"no {kind.lora_file} in {final}", "pass a finished run's directory or its final/")
-    return Source(kind, final, model, gguf, final / kind.lora_file)
+    return Source(kind, final, model, gguf, final / kind.lora_file, vae=vae if isinstance(vae, str) else None)
 
 
 def _kind_named(name: str, where: Path):
@@ -164,7 +166,7 @@ def _kohya_file(src: Source, out: Path) -> None:
 
 
 def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
-    """A diffusers-named SD 1.x/2.x LoRA file under kohya's names: its layers renamed, `.alpha` and
+    """A diffusers-named SD 1.x/2.x, SDXL or SD 3 LoRA file under kohya's names: its layers renamed, `.alpha` and
     the `ss_*` fields from the LoRA config in its header, refused whole where kohya's format cannot
     carry it."""
     state = read_tensors(path, "SOURCE")
@@ -191,17 +193,60 @@ def _convert_to_kohya(path: Path, out: Path, model: str | None) -> None:
         writer(out, layers, config, dict(pipe.transformer.config), model, field="SOURCE")
         return
     layers = FAMILIES["StableDiffusionPipeline"].lora_tensors(state)
-    # SD 2.x (OpenCLIP ViT-H) or 1.x (CLIP ViT-L), from what the cross-attention keys and values read
+    # SD 2.x (OpenCLIP ViT-H), 1.x (CLIP ViT-L) or SDXL (CLIP-L and bigG, 2048), from what the
+    # cross-attention keys and values read
     widths = {int(t.shape[1]) for k, t in layers.items() if ".attn2.to_k.lora_A" in k or ".attn2.to_v.lora_A" in k}
+    model_path = model or str(header.get("unet.base_model_name_or_path") or "")
+    sdxl_config = _sdxl_unet_config(model, layers, widths)
+    if sdxl_config is not None:
+        write_sdxl_kohya(out, layers, config, sdxl_config, model_path, field="SOURCE")
+        return
     unet_config = {"cross_attention_dim": widths.pop()} if len(widths) == 1 else {}
-    write_kohya(out, layers, config, unet_config, model or str(header.get("unet.base_model_name_or_path") or ""),
-                field="SOURCE")
+    write_kohya(out, layers, config, unet_config, model_path, field="SOURCE")
+
+
+def _sdxl_unet_config(model: str | None, layers: dict, widths: set[int]) -> dict | None:
+    """The UNet config of an SDXL LoRA's base, or None for SD 1.x/2.x: SDXL by `--model` (or the run's
+    model) when that is an SDXL pipeline, else by the LoRA's own layers (SDXL's add-embedding, its
+    2048-wide cross-attention). An SDXL base that cannot be read (a hub id offline) is SDXL base 1.0's
+    layout, which its fine-tunes share."""
+    from .tiny_sdxl import sdxl_unet_config
+
+    own = _unet_config_of(model) if model else None
+    if own is not None:
+        return own if own.get("addition_embed_type") == "text_time" else None
+    if any(k.startswith("add_embedding.") for k in layers) or widths == {2048}:
+        return sdxl_unet_config()
+    return None
+
+
+def _unet_config_of(model: str) -> dict | None:
+    """The UNet config of `model` (builtin:NAME, a diffusers directory, a hub id), or None where it
+    cannot be read without loading weights or a network (a single file, a hub id offline)."""
+    import json
+
+    if model.startswith("builtin:"):
+        pipe = load_pipeline(model, field="--model")
+        unet = getattr(pipe, "unet", None)
+        return dict(unet.config) if unet is not None else {}
+    local = Path(model).expanduser()
+    if local.is_dir():
+        config = local / "unet" / "config.json"
+        return json.loads(config.read_text()) if config.is_file() else {}
+    if local.exists():
+        return None
+    try:
+        from diffusers import UNet2DConditionModel
+
+        return dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
+    except Exception:  # noqa: BLE001 - offline, or not a UNet model
+        return None
 
 
 def _merged_pipeline(src: Source, out: Path, scale: float) -> None:
     from diffusers import StableDiffusionPipeline
 
-    pipe = load_pipeline(src.model, field="--model")
+    pipe = load_pipeline(src.model, field="--model", vae=src.vae)  # with the run's model.vae, as it sampled
     single = out.suffix == ".safetensors"
     if single and not isinstance(pipe, StableDiffusionPipeline):
         raise UserError("--out", f"a merged {type(pipe).__name__} has no single-file layout here",

@@ -7,6 +7,9 @@ CompVis' latent-diffusion code: `model.diffusion_model.*` (UNet), `first_stage_m
 (`from_single_file`, `loaders/single_file_utils.py`) but writes only its own, so this module is the
 reverse of its reading: every tensor of the pipeline gets exactly one LDM name, and a tensor with
 no place in the layout (an SDXL add-embedding, a class embedding) is refused, never dropped.
+
+SDXL's original UNet (Stability's SGM code) has the same `input_blocks` / `middle_block` /
+`output_blocks` layout; `sgm_unet_module` names its modules so (kohya's SDXL LoRA names, `lora_formats`).
 """
 
 from __future__ import annotations
@@ -42,34 +45,61 @@ def _block(prefix: str, index: int, kind: str, rest: str) -> str:
     return f"{prefix}.{index}.0.{_resnet(rest)}" if kind == "resnets" else f"{prefix}.{index}.1.{rest}"
 
 
-def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A UNet2DConditionModel's state dict under LDM's `input_blocks` / `middle_block` / `output_blocks`."""
+def _layers_per_block(config: dict[str, Any], field: str = "--format") -> int:
     per = config.get("layers_per_block")
     if not isinstance(per, int):
-        raise UserError("--format", f"a UNet with layers_per_block {per!r} has no single-file layout",
+        raise UserError(field, f"a UNet with layers_per_block {per!r} has no single-file layout",
                         "export --format merged to a directory instead")
+    return per
+
+
+def ldm_unet_key(key: str, per: int, attention_up: set[int]) -> str | None:
+    """The LDM name (less `model.diffusion_model.`) of one UNet2DConditionModel tensor, or None.
+
+    `per`: the UNet's `layers_per_block` (input block N counts `per` resnets and a downsampler per
+    resolution); `attention_up`: the up blocks that attend (their upsampler sits at `.2`, else `.1`)."""
+    module, _, leaf = key.rpartition(".")
+    if module in _UNET_DIRECT:
+        return f"{_UNET_DIRECT[module]}.{leaf}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        return _block("input_blocks", 1 + block * (per + 1) + j, kind, rest)
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{1 + int(m.group(1)) * (per + 1) + per}.0.op.{m.group(2)}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m.group(1))}.{_resnet(m.group(2))}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m.group(1)}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        return _block("output_blocks", block * (per + 1) + j, kind, rest)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        block = int(m.group(1))
+        return f"output_blocks.{block * (per + 1) + per}.{2 if block in attention_up else 1}.conv.{m.group(2)}"
+    return None
+
+
+# SDXL's added conditioning (pooled text and size embeddings): `label_emb.0` in SGM's UNet
+_SGM_DIRECT = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sgm_unet_module(module: str, config: dict[str, Any], field: str = "config lora") -> str | None:
+    """The module of Stability's SGM UNet (SDXL's original layout: `input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+    `label_emb.0.0`, ...) that the UNet2DConditionModel module `module` is, or None; `config`: the UNet's config."""
+    if module in _SGM_DIRECT:
+        return _SGM_DIRECT[module]
+    attention_up = {i for i, kind in enumerate(config.get("up_block_types") or ()) if "CrossAttn" in kind}
+    name = ldm_unet_key(module + ".weight", _layers_per_block(config, field), attention_up)
+    return None if name is None else name[:-len(".weight")]
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A UNet2DConditionModel's state dict under LDM's `input_blocks` / `middle_block` / `output_blocks`."""
+    per = _layers_per_block(config)
     attention_up = {int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        module, _, leaf = key.rpartition(".")
-        name = None
-        if module in _UNET_DIRECT:
-            name = f"{_UNET_DIRECT[module]}.{leaf}"
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-            name = _block("input_blocks", 1 + block * (per + 1) + j, kind, rest)
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            name = f"input_blocks.{1 + int(m.group(1)) * (per + 1) + per}.0.op.{m.group(2)}"
-        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            name = f"middle_block.{2 * int(m.group(1))}.{_resnet(m.group(2))}"
-        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            name = f"middle_block.1.{m.group(1)}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            block, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
-            name = _block("output_blocks", block * (per + 1) + j, kind, rest)
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            block = int(m.group(1))
-            name = f"output_blocks.{block * (per + 1) + per}.{2 if block in attention_up else 1}.conv.{m.group(2)}"
+        name = ldm_unet_key(key, per, attention_up)
         if name is None:
             raise UserError("--format", f"the UNet's {key} has no place in the SD 1.x/2.x single-file layout",
                             "export --format merged to a directory instead")

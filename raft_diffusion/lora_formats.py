@@ -1,4 +1,4 @@
-"""A LoRA under the names other programs load whole: kohya's, for SD 1.x/2.x and SD 3.
+"""A LoRA under the names other programs load whole: kohya's, for SD 1.x/2.x, SDXL and SD 3.
 
 ComfyUI, Forge, AUTOMATIC1111 and kohya's sd-scripts attach none of the layers of a diffusers/PEFT
 file for SD 1.x/2.x (`unet.<module>.lora_A.weight`). They all read kohya's layout:
@@ -13,8 +13,9 @@ kohya's format has one rank and one alpha per layer and nothing else: a LoRA wit
 alpha patterns, DoRA or rslora cannot be carried, and is refused (`check_kohya`) rather than
 written wrong.
 
-SD 3 gets its kohya file too, on the MMDiT layout (below): ComfyUI also loads the diffusers-format
-SD 3 file whole, but Forge does not.
+SDXL's kohya names are those of its original (SGM) UNet layout, as kohya's sdxl_train_network writes
+them (below). SD 3 gets its kohya file too, on the MMDiT layout (below): ComfyUI also loads the
+diffusers-format SD 3 file whole, but Forge does not.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ def kohya_name(module: str) -> str:
 
 
 def kohya_state_dict(layers: dict[str, torch.Tensor], config: dict[str, Any],
-                     field: str = "config lora") -> dict[str, torch.Tensor]:
+                     field: str = "config lora", name_of=kohya_name) -> dict[str, torch.Tensor]:
     """The kohya-named tensors of a UNet LoRA.
 
     `layers`: PEFT's names, `<module>.lora_A.weight` / `<module>.lora_B.weight`, with or without the
     `unet.` prefix that `save_lora_weights` adds; `config`: the adapter's PEFT config dict (its `r`
     and `lora_alpha`). Every layer must have rank `r`; `.alpha` is `lora_alpha`, in the weights' dtype.
+    `name_of`: a diffusers module -> its kohya name (SDXL: `sdxl_kohya_name`).
     """
     check_kohya(config, field)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
@@ -70,7 +72,7 @@ def kohya_state_dict(layers: dict[str, torch.Tensor], config: dict[str, Any],
         if down.shape[0] != rank or up.shape[1] != rank:
             raise UserError(field, f"{module} has rank {down.shape[0]}, not the adapter's {rank}: kohya's format "
                             "has one rank per file", "use one rank for every layer")
-        name = kohya_name(module)
+        name = name_of(module)
         out[f"{name}.lora_down.weight"] = down.detach().cpu().contiguous()
         out[f"{name}.lora_up.weight"] = up.detach().cpu().contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=down.dtype)
@@ -113,6 +115,45 @@ def write_kohya(path: str | Path, layers: dict[str, torch.Tensor], config: dict[
     state = kohya_state_dict(layers, config, field)
     conv = any(t.ndim == 4 and t.shape[-1] > 1 for k, t in state.items() if k.endswith(".lora_down.weight"))
     meta = kohya_metadata(config, unet_config, model_path, conv, Path(path).stem)
+    data = canonical_safetensors(save(state, metadata=meta))
+    write_file_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+# -- SDXL: kohya's names on Stability's SGM UNet layout ----------------------------------------------
+#
+# kohya's sd-scripts train SDXL on their copy of Stability's original UNet (sdxl_original_unet.py), so
+# sdxl_train_network writes `lora_unet_<SGM module, dots as underscores>`:
+# `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `..._input_blocks_1_0_in_layers_2`
+# (a resnet's conv1), `lora_unet_label_emb_0_0` (the added conditioning); ComfyUI and Forge read
+# those (their SDXL key map is the checkpoint's), and diffusers' loader maps them back
+# (`_maybe_map_sgm_blocks_to_diffusers`). The module places are `ldm_layout.sgm_unet_module`'s.
+
+SDXL_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
+
+
+def sdxl_kohya_name(module: str, unet_config: dict[str, Any], field: str = "config lora") -> str:
+    """kohya's SDXL name of a diffusers UNet module: `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`
+    -> `lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`; a module with no SGM place is refused."""
+    from .ldm_layout import sgm_unet_module
+
+    place = sgm_unet_module(module, unet_config, field)
+    if place is None:
+        raise UserError(field, f"{module} has no place in SDXL's original UNet layout, which kohya, ComfyUI and "
+                        "Forge load", "train the LoRA on the attention, resnet and sampler layers")
+    return kohya_name(place)
+
+
+def write_sdxl_kohya(path: str | Path, layers: dict[str, torch.Tensor], config: dict[str, Any],
+                     unet_config: dict[str, Any], model_path: str, field: str = "config lora") -> None:
+    """`path`: the SDXL UNet LoRA under kohya's SGM names with kohya's `ss_*` metadata."""
+    from safetensors.torch import save
+
+    state = kohya_state_dict(layers, config, field, lambda m: sdxl_kohya_name(m, unet_config, field))
+    conv = any(t.ndim == 4 and t.shape[-1] > 1 for k, t in state.items() if k.endswith(".lora_down.weight"))
+    meta = kohya_metadata(config, {}, model_path, conv, Path(path).stem)
+    meta.update({"ss_base_model_version": SDXL_MODEL_VERSION, "ss_v2": "False"})
+    if unet_config.get("prediction_type") == "v_prediction":
+        meta["ss_v_parameterization"] = "True"
     data = canonical_safetensors(save(state, metadata=meta))
     write_file_atomically(Path(path), lambda tmp: tmp.write_bytes(data))
 

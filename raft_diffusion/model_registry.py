@@ -19,9 +19,11 @@ DIFFUSION_BUILTINS = {
     "tiny-sd": "raft_diffusion.tiny:builtin_tiny_sd",  # random, built on the fly
     "tiny-sd-v": "raft_diffusion.tiny:builtin_tiny_sd_v",
     "tiny-sd3": "raft_diffusion.tiny:builtin_tiny_sd3",
+    "tiny-sdxl": "raft_diffusion.tiny_sdxl:builtin_tiny_sdxl",  # SDXL's configuration: two CLIPs, size conditioning
     "tiny-flux": "raft_diffusion.tiny_flux:builtin_tiny_flux",  # FLUX.1-dev's configuration (guidance embedding)
     "tiny-flux-schnell": "raft_diffusion.tiny_flux:builtin_tiny_flux_schnell",  # schnell's: no guidance, no shift
     "sd15-random": "raft_diffusion.tiny:builtin_sd15_random",  # SD 1.5's architecture, random weights (benchmarks)
+    "sdxl-random": "raft_diffusion.tiny_sdxl:builtin_sdxl_random",  # SDXL base 1.0's architecture, random, float16
     "flux-random": "raft_diffusion.tiny_flux:builtin_flux_random",  # FLUX.1-dev's architecture, random, bfloat16
     "toy-shapes": "raft_diffusion.toyworld.models:toy_shapes",  # trained, shipped pipelines
     "toy-shapes-flow": "raft_diffusion.toyworld.models:toy_shapes_flow",  # SD 3's architecture; toy-shapes' VAE and text

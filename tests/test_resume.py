@@ -52,6 +52,9 @@ RUNS = {**{name: {"training": training} for name, training in OBJECTIVES.items()
         "sd3-negative_aware-ema": {**SD3, "training": OBJECTIVES["negative_aware-ema"]},
         # FLUX.1-dev's: packed latents, the token-count shift and the guidance embedding
         "flux-reward_weighted-ema-anchor": {**FLUX, "training": OBJECTIVES["reward_weighted-ema-anchor"]},
+        # SDXL (two text encoders, pooled embedding and size conditioning beside the latents)
+        "sdxl-reward_weighted-ema-anchor": {"model": {"path": "builtin:tiny-sdxl"},
+                                            "training": OBJECTIVES["reward_weighted-ema-anchor"]},
         # candidates of another model and of a samples folder beside the policy's (their seeds and
         # draws are functions of the run seed and the iteration)
         "experts": {"generation": {"experts": [{"model": "builtin:tiny-sd", "per_prompt": 1, "steps": 2},

@@ -153,6 +153,7 @@ def test_an_sd3_run_writes_the_file_and_it_loads_back_and_reproduces_the_eval_im
                        for k in qkv)  # three rank-4 parts stacked, alpha scaled with them: 24 / 12 = 8 / 4
     pipe = load_pipeline("builtin:tiny-sd3")
     load_lora(pipe, path)  # `generate --lora` and experts: every layer, at its strength
+    # each fused q/k/v LoRA comes back as its three rank-4 parts, tensor for tensor: the same pixels
     assert_reproduces_eval(pipe, config, run / "samples/iter_0000/eval")
     with pytest.raises(UserError, match="match no layer|does not fit"):
         load_lora(load_pipeline("builtin:tiny-sd"), path)  # on an SD 1.x UNet: refused

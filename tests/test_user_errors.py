@@ -355,8 +355,9 @@ def test_cli_subprocess_reports_user_error_without_traceback(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("config", ["sd15-jpeg.yaml", "sd15-clip-aesthetic.yaml", "sd35-clip-aesthetic.yaml",
-                                    "flux-dev-clip-aesthetic.yaml", "flux-schnell-clip-aesthetic.yaml"])
+@pytest.mark.parametrize("config", ["sd15-jpeg.yaml", "sd15-clip-aesthetic.yaml", "sdxl-clip-aesthetic.yaml",
+                                    "sd35-clip-aesthetic.yaml", "flux-dev-clip-aesthetic.yaml",
+                                    "flux-schnell-clip-aesthetic.yaml"])
 def test_shipped_gpu_config_validates_and_fails_offline_with_exit_2(tmp_path, capfd, monkeypatch, config):
     from .conftest import REPO
 

@@ -60,8 +60,9 @@ class DiffusionBackend(LoraTraining):
         self.device = accelerator.device
         gen = config.generation
         pipe = load_pipeline(config.model.path, config.model.dtype, config.model.revision, config.model.variant,
-                             field="config model.path")
+                             field="config model.path", vae=config.model.vae)
         self.family = family = family_of(pipe)
+        family.bind(pipe)
         check_resolution(pipe, gen.resolution, "config generation.resolution")
         family.check_generation(gen, "config generation.scheduler", "config generation.eta")
         pipe.scheduler = make_scheduler(pipe, gen.scheduler)

@@ -32,8 +32,34 @@ def _looks_local(path: str) -> bool:
 
 
 def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None,
-                  variant: str | None = None, field: str = "model.path") -> StableDiffusionPipeline:
-    """An SD 1.x/2.x or SD 3 pipeline from `builtin:NAME`, a local diffusers dir, a single file, or a hub id."""
+                  variant: str | None = None, field: str = "model.path", vae: str | None = None
+                  ) -> StableDiffusionPipeline:
+    """An SD 1.x/2.x, SDXL, SD 3 or FLUX.1 pipeline from `builtin:NAME`, a local diffusers dir, a single file,
+    or a hub id; `vae`: an AutoencoderKL (hub id or local dir) that replaces the pipeline's (`model.vae`)."""
+    pipe = _load_pipeline(path, dtype, revision, variant, field)
+    if vae is not None:
+        pipe.vae = load_vae(vae, dtype, field.rpartition(".")[0] + ".vae" if "." in field else "model.vae")
+    return pipe
+
+
+def load_vae(path: str, dtype: str, field: str):
+    """An AutoencoderKL from a local diffusers directory (its config.json and weights) or a hub id."""
+    from diffusers import AutoencoderKL
+
+    local = Path(path).expanduser()
+    if not local.exists() and _looks_local(path):
+        raise UserError(field, f"VAE not found: {path}", "pass an existing directory or a hub id")
+    try:
+        return AutoencoderKL.from_pretrained(str(local) if local.exists() else path, torch_dtype=DTYPES[dtype])
+    except Exception as e:  # noqa: BLE001 - offline machines end here for a hub id
+        where = "" if local.exists() else " from the hub"
+        raise UserError(field, f"cannot load the VAE {path!r}{where}: {type(e).__name__}",
+                        "pass a local AutoencoderKL directory (config.json and weights), or check the id and "
+                        "your network") from e
+
+
+def _load_pipeline(path: str, dtype: str, revision: str | None, variant: str | None,
+                   field: str) -> StableDiffusionPipeline:
     torch_dtype = DTYPES[dtype]
     if path.startswith("builtin:"):
         name = path[len("builtin:"):]
@@ -74,7 +100,7 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
             raise
         except Exception as e:  # noqa: BLE001 - report the loader's reason in one line
             raise UserError(field, f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                            "check that it is a Stable Diffusion 1.x/2.x or 3.x checkpoint") from e
+                            "check that it is a Stable Diffusion 1.x/2.x, XL or 3.x or a FLUX.1 checkpoint") from e
     if _looks_local(path):
         raise UserError(field, f"model not found: {path}", "pass an existing directory, file or hub id")
     try:
@@ -94,7 +120,7 @@ def load_pipeline(path: str, dtype: str = "float32", revision: str | None = None
 def _family_named(class_name: str | None, path: str, field: str):
     if class_name not in FAMILIES:
         raise UserError(field, f"{path} is a {class_name or 'pipeline of no known class'}",
-                        "pass a Stable Diffusion 1.x/2.x or 3.x pipeline")
+                        "pass a Stable Diffusion 1.x/2.x, XL or 3.x or a FLUX.1 pipeline")
     return FAMILIES[class_name]
 
 

@@ -1,5 +1,6 @@
 """A LoRA file attached to a loaded pipeline, every layer of it or a one-line refusal: diffusers'
-names (a run's final/), kohya's for SD 1.x/2.x, kohya's MMDiT layout for SD 3 and BFL layout for FLUX."""
+names (a run's final/), kohya's for SD 1.x/2.x and SDXL (its SGM UNet layout), kohya's MMDiT layout
+for SD 3 and BFL layout for FLUX."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..errors import UserError
-from ..lora_formats import is_kohya, kohya_name
+from ..lora_formats import is_kohya
 from ..weights import read_tensors
 from .families import family_of
 
@@ -68,18 +69,24 @@ def load_lora(pipe: StableDiffusionPipeline, directory: Path, field: str = "--lo
 
 def _load_kohya(pipe: StableDiffusionPipeline, path: Path, state: dict[str, torch.Tensor], field: str,
                 model: str) -> None:
-    """A kohya-named SD 1.x/2.x LoRA file through diffusers' own kohya loader, checked as load_lora
-    checks a diffusers file: every `lora_unet_` layer attached, its up and down weights value for value
-    and its strength (alpha / rank) the file's."""
+    """A kohya-named UNet LoRA file (SD 1.x/2.x: diffusers' module names; SDXL: the SGM layout's) through
+    diffusers' own kohya loader, checked as load_lora checks a diffusers file: every `lora_unet_` layer
+    attached, its up and down weights value for value and its strength (alpha / rank) the file's."""
     denoiser = pipe.unet
+    family = family_of(pipe)
+    unet_config = dict(denoiser.config)
     adapter, attached = _attach(denoiser, lambda: pipe.load_lora_weights(str(path)), path, field, model)
-    found: dict[str, torch.Tensor] = {}
+    found: dict[str, torch.Tensor | None] = {}
     for key, value in attached.items():
         module, _, part = key.rpartition(".lora_")
-        name = kohya_name(module) + (".lora_down.weight" if part == "A.weight" else ".lora_up.weight")
+        try:
+            base = family.client_lora_name(module, unet_config)
+        except UserError:
+            continue  # a module with no kohya name: its file tensors are the lost ones
+        name = base + (".lora_down.weight" if part == "A.weight" else ".lora_up.weight")
         found[name] = value
-        down = state.get(kohya_name(module) + ".lora_down.weight")
-        alpha = state.get(kohya_name(module) + ".alpha")
+        down = state.get(base + ".lora_down.weight")
+        alpha = state.get(base + ".alpha")
         if part == "A.weight" and down is not None and alpha is not None:
             scaling = denoiser.get_submodule(module).scaling[adapter]
             if not math.isclose(scaling, float(alpha) / down.shape[0], rel_tol=1e-6):

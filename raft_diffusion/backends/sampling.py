@@ -4,6 +4,7 @@ images encoded back to latents (expert candidates)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -15,14 +16,31 @@ from .families import Cond, family_of
 from .loading import check_resolution, load_pipeline, make_scheduler
 from .lora_io import load_lora
 
+@contextlib.contextmanager
+def vae_precision(pipe):
+    """The VAE in the dtype it computes in: float32 for the while where the family's pipeline upcasts it
+    (SDXL: a float16 VAE whose config says `force_upcast`, as SDXL's own VAE does: it overflows in
+    float16), otherwise as loaded."""
+    vae = pipe.vae
+    upcast = family_of(pipe).vae_upcast and vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if not upcast:
+        yield vae
+        return
+    vae.to(dtype=torch.float32)
+    try:
+        yield vae
+    finally:
+        vae.to(dtype=torch.float16)
+
+
 @torch.inference_mode()
 def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
     """Final latents -> images (N, 3, H, W) in [0, 1], float32."""
-    vae = pipe.vae
-    scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None):
-        scaled = scaled + vae.config.shift_factor
-    images = vae.decode(scaled).sample
+    with vae_precision(pipe) as vae:
+        scaled = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            scaled = scaled + vae.config.shift_factor
+        images = vae.decode(scaled).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -148,12 +166,13 @@ def generate_latents(pipe: StableDiffusionPipeline, cond: Cond, uncond: Cond | N
 def encode_images(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] -> scaled latents (N, C, h, w) on the CPU: the VAE posterior's
     mean (deterministic), shifted and scaled as the denoiser sees latents (`decode_latents` undone)."""
-    vae, out = pipe.vae, []
-    for idx in _chunks(len(images), batch_size):
-        mean = vae.encode(images[idx].to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
-        if getattr(vae.config, "shift_factor", None):
-            mean = mean - vae.config.shift_factor
-        out.append((mean * vae.config.scaling_factor).float().cpu())
+    out = []
+    with vae_precision(pipe) as vae:
+        for idx in _chunks(len(images), batch_size):
+            mean = vae.encode(images[idx].to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
+            if getattr(vae.config, "shift_factor", None):
+                mean = mean - vae.config.shift_factor
+            out.append((mean * vae.config.scaling_factor).float().cpu())
     return torch.cat(out)
 
 
@@ -170,6 +189,7 @@ class DiffusionExpert:
 
     def __init__(self, spec, config: RunConfig, device, field: str):
         pipe = load_pipeline(spec.model, config.model.dtype, field=field)
+        family_of(pipe).bind(pipe)
         check_resolution(pipe, config.generation.resolution, field)
         if spec.lora is not None:
             load_lora(pipe, Path(spec.lora), field.rpartition(".")[0] + ".lora", f"the expert's model {spec.model}")

@@ -3,19 +3,21 @@
 RAFT needs samples, scores and a denoising loss. The families (one file each here) differ in four places, and the
 diffusion backend asks its family for each:
 
-- **prompt encoding**: SD 1.x/2.x gives one tensor per prompt (CLIP hidden states); SD 3 gives the
-  joint sequence (two CLIP encoders side by side, then T5 or zeros) plus the pooled CLIP embeddings.
-  Both are dicts of per-sample tensors named as the pipelines' keyword arguments;
+- **prompt encoding**: SD 1.x/2.x gives one tensor per prompt (CLIP hidden states); SDXL its two CLIP
+  encoders' hidden states side by side plus bigG's pooled embedding (sdxl.py: and the size
+  conditioning the UNet gets beside them); SD 3 gives the joint sequence (two CLIP encoders side by
+  side, then T5 or zeros) plus the pooled CLIP embeddings. All are dicts of per-sample tensors named
+  as the pipelines' keyword arguments;
 - **sampling call**: DDIM's `eta` for SD 1.x; SD 3 samples with its flow-matching Euler scheduler;
-- **training target**: SD 1.x: the scheduler's epsilon or v at uniform integer timesteps (DDPM
+- **training target**: SD 1.x and SDXL: the scheduler's epsilon or v at uniform integer timesteps (DDPM
   noising). SD 3: rectified flow with the timestep density of diffusers' SD 3 training scripts
   (`weighting_scheme` logit_normal: u = sigmoid(N(0, 1)) as an index into the training scheduler's
   shifted sigmas), the noisy latents `(1 - sigma) x0 + sigma noise`, the velocity target
   `noise - x0`, uniform loss weighting (their `precondition_outputs` variant, which compares x0
   predictions and so weights the same error by sigma^2, is not used);
 - **LoRA save**: `unet_lora_layers` or `transformer_lora_layers`, each under its pipeline's
-  `save_lora_weights`, so that pipeline's `load_lora_weights` reads it; SD 1.x/2.x also under
-  kohya's names (lora_formats), for ComfyUI, Forge, AUTOMATIC1111 and kohya.
+  `save_lora_weights`, so that pipeline's `load_lora_weights` reads it; also under kohya's names
+  (lora_formats; SDXL on its original SGM UNet layout), for ComfyUI, Forge, AUTOMATIC1111 and kohya.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from ...errors import UserError
 from .sd import SCHEDULERS, Cond, StableDiffusion
 from .flux import Flux
 from .sd3 import StableDiffusion3
+from .sdxl import StableDiffusionXL
 
-__all__ = ["FAMILIES", "SCHEDULERS", "Cond", "Flux", "StableDiffusion", "StableDiffusion3", "family_of"]
+__all__ = ["FAMILIES", "SCHEDULERS", "Cond", "Flux", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL",
+           "family_of"]
 
 # a pipeline class name (model_index.json's `_class_name`) -> its family
 FAMILIES: dict[str, StableDiffusion] = {
     "StableDiffusionPipeline": StableDiffusion(),
+    "StableDiffusionXLPipeline": StableDiffusionXL(),
     "StableDiffusion3Pipeline": StableDiffusion3(),
     "FluxPipeline": Flux(),
 }
@@ -40,4 +45,4 @@ def family_of(pipe) -> StableDiffusion:
         if type(pipe) is family.pipeline_class:
             return family
     raise UserError("config model.path", f"{type(pipe).__name__} is not supported",
-                    "use a Stable Diffusion 1.x/2.x, 3.x or FLUX.1 pipeline")
+                    "use a Stable Diffusion 1.x/2.x, XL, 3.x or FLUX.1 pipeline")

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from ...config import GenerationConfig
 from ...errors import UserError
-from ...lora_formats import KOHYA_FILE, check_kohya, write_kohya
+from ...lora_formats import KOHYA_FILE, check_kohya, kohya_name, write_kohya
 
 Cond = dict[str, torch.Tensor]  # per-sample prompt encodings, by the pipeline's keyword names
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}  # SD 1.x/2.x: generation.scheduler
@@ -27,6 +27,7 @@ class StableDiffusion:
     # a key fragment only this family's single-file checkpoints hold (None: the fallback, SD 1.x/2.x)
     single_file_marker: str | None = None
     lora_examples = "to_q, to_k, to_v, to_out.0, proj_in, conv1"
+    vae_upcast = False  # whether a float16 VAE whose config has `force_upcast` decodes in float32 (SDXL's pipeline)
     # layers only the other family's denoiser has: a config written for one family (the toy demos' convolutions)
     # runs on the other with them skipped, while a name neither has is still a typo
     foreign_layers = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "context_embedder", "x_embedder",
@@ -35,6 +36,11 @@ class StableDiffusion:
     def encode(self, pipe, prompts: list[str], guided: bool, negative: str) -> tuple[Cond, Cond | None]:
         cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, guided, [negative] * len(prompts) if guided else None)
         return {"prompt_embeds": cond}, ({"prompt_embeds": uncond} if guided else None)
+
+    def bind(self, pipe) -> None:
+        """Called once a pipeline is loaded for sampling and training: what `predict` needs of it beyond
+        the latents and prompt encodings (SDXL: the VAE's scale, for its size conditioning), or a refusal."""
+        return None
 
     def call_options(self, gen: GenerationConfig) -> dict[str, Any]:
         return {"eta": gen.eta}
@@ -90,6 +96,10 @@ class StableDiffusion:
     def check_client_lora(self, config: dict[str, Any]) -> None:
         """Refuse, before training, a LoRA config that `save_client_lora` could not write."""
         check_kohya(config)
+
+    def client_lora_name(self, module: str, denoiser_config: dict[str, Any]) -> str:
+        """kohya's name (`lora_unet_...`) of a denoiser module in `save_client_lora`'s file (UNet families)."""
+        return kohya_name(module)
 
     def lora_tensors(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The file's denoiser LoRA tensors under PEFT's names, without the `unet.` prefix."""
