@@ -7,7 +7,7 @@ import sys
 from .conftest import REPO
 
 
-def test_gpu_check_smoke_runs_the_demo_and_one_iteration_ours_and_naive(tmp_path):
+def test_gpu_check_smoke_runs_the_demo_one_iteration_ours_and_naive_and_the_families(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=600,
@@ -21,3 +21,8 @@ def test_gpu_check_smoke_runs_the_demo_and_one_iteration_ours_and_naive(tmp_path
     assert {"generate", "score", "train", "total"} <= set(it["ratio_naive_over_ours"])
     assert it["images"] == 8 and it["images_per_second"] > 0
     assert "naive/ours" in done.stdout
+    # the SDXL and FLUX iterations, memory knobs off then on: phases timed, nothing out of memory
+    assert set(report["families"]) == {"builtin:tiny-sdxl", "builtin:tiny-flux"}
+    for runs in report["families"].values():
+        assert [r["knobs"] for r in runs] == [False, True]
+        assert all(r["images"] == 4 and r["images_per_second"] > 0 and r["seconds"]["train"] > 0 for r in runs)
