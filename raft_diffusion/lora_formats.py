@@ -226,21 +226,9 @@ def sd3_kohya_state_dict(layers: dict[str, torch.Tensor], config: dict[str, Any]
     """The kohya-named tensors (MMDiT layout) of an SD 3 transformer LoRA under PEFT's names (with or
     without the `transformer.` prefix); every layer of rank `r`, `.alpha` so that alpha / rank is the
     adapter's `lora_alpha / r`."""
-    check_kohya(config, field)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    modules = _pairs(layers, "transformer.", field)
-    fused: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for module in sorted(modules):
-        down, up = modules[module]
-        if down.shape[0] != rank or up.shape[1] != rank:
-            raise UserError(field, f"{module} has rank {down.shape[0]}, not the adapter's {rank}: kohya's format "
-                            "has one rank per file", "use one rank for every layer")
-        place = sd3_module(module, num_layers)
-        if place is None:
-            raise UserError(field, f"{module} has no place in the MMDiT layout Forge and ComfyUI load",
-                            "train the LoRA on the attention, feed-forward and modulation layers")
-        target, part, swap = place
-        fused.setdefault(target, {})[part] = (down, _swap_halves(up) if swap else up)
+    fused = by_place(layers, config, lambda m: sd3_module(m, num_layers), "the MMDiT layout Forge and ComfyUI load",
+                     field)
     out: dict[str, torch.Tensor] = {}
     for target in sorted(fused):
         parts = fused[target]
@@ -257,6 +245,27 @@ def sd3_kohya_state_dict(layers: dict[str, torch.Tensor], config: dict[str, Any]
         out[f"{name}.lora_up.weight"] = up.detach().cpu().contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha * down.shape[0] / rank, dtype=down.dtype)
     return out
+
+
+def by_place(layers: dict[str, torch.Tensor], config: dict[str, Any], place_of, layout: str, field: str
+             ) -> dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]]:
+    """A transformer LoRA's (down, up) pairs grouped by the original layout's module they belong to:
+    target -> {part of a fused layer (None: not fused): (down, up with swapped halves undone)}.
+    `place_of(module)`: (target, part, swap) or None; every layer of rank `r`, or a `UserError`."""
+    check_kohya(config, field)
+    rank = int(config["r"])
+    fused: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for module, (down, up) in sorted(_pairs(layers, "transformer.", field).items()):
+        if down.shape[0] != rank or up.shape[1] != rank:
+            raise UserError(field, f"{module} has rank {down.shape[0]}, not the adapter's {rank}: kohya's format "
+                            "has one rank per file", "use one rank for every layer")
+        place = place_of(module)
+        if place is None:
+            raise UserError(field, f"{module} has no place in {layout}",
+                            "train the LoRA on the attention, feed-forward and modulation layers")
+        target, part, swap = place
+        fused.setdefault(target, {})[part] = (down, _swap_halves(up) if swap else up)
+    return fused
 
 
 def sd3_kohya_to_peft(state: dict[str, torch.Tensor], num_layers: int, targets: dict[str, str],

@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import write_file_atomically
 from .errors import UserError
-from .lora_formats import _pairs, _peft_config, _swap_halves, block_parts, check_kohya, kohya_name
+from .lora_formats import _peft_config, _swap_halves, block_parts, by_place, check_kohya, kohya_name
 from .weights import canonical_safetensors
 
 FLUX_MLP_RATIO = 4  # FluxSingleTransformerBlock's proj_mlp: 4 x the inner width (diffusers and BFL)
@@ -93,19 +93,8 @@ def flux_kohya_state_dict(layers: dict[str, torch.Tensor], config: dict[str, Any
                           transformer_config: dict[str, Any], field: str = "config lora") -> dict[str, torch.Tensor]:
     """The kohya-named tensors (BFL layout) of a FLUX transformer LoRA under PEFT's names (with or
     without the `transformer.` prefix); every layer of rank `r`."""
-    check_kohya(config, field)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    fused: dict[str, dict[int | None, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for module, (down, up) in sorted(_pairs(layers, "transformer.", field).items()):
-        if down.shape[0] != rank or up.shape[1] != rank:
-            raise UserError(field, f"{module} has rank {down.shape[0]}, not the adapter's {rank}: kohya's format "
-                            "has one rank per file", "use one rank for every layer")
-        place = flux_module(module)
-        if place is None:
-            raise UserError(field, f"{module} has no place in the FLUX.1 layout ComfyUI and Forge load",
-                            "train the LoRA on the attention, feed-forward and modulation layers")
-        target, part, swap = place
-        fused.setdefault(target, {})[part] = (down, _swap_halves(up) if swap else up)
+    fused = by_place(layers, config, flux_module, "the FLUX.1 layout ComfyUI and Forge load", field)
     out: dict[str, torch.Tensor] = {}
     for target in sorted(fused):
         parts = fused[target]
