@@ -1,10 +1,11 @@
-"""The diffusion backend: an SD 1.x/2.x or 3.x pipeline whose denoiser (UNet or MMDiT transformer)
-carries a trainable PEFT LoRA; RAFT's sampling and fine-tuning on it.
+"""The diffusion backend: an SD 1.x/2.x, SDXL, SD 3 or FLUX.1 pipeline whose denoiser (UNet or
+transformer) carries a trainable PEFT LoRA; RAFT's sampling and fine-tuning on it.
 
-Every object is the diffusers one (`StableDiffusionPipeline` / `StableDiffusion3Pipeline`, their
-schedulers, `add_adapter`, `save_lora_weights`), so a diffusers user recognises all of it. What
-differs between the two families (prompt encoding, sampling call, training target, LoRA save) is
-in families.py; loading a model in loading.py, LoRA files in lora_io.py, sampling in sampling.py.
+Every object is the diffusers one (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+`StableDiffusion3Pipeline`, `FluxPipeline`, their schedulers, `add_adapter`, `save_lora_weights`), so a
+diffusers user recognises all of it. What differs between the families (prompt encoding, sampling
+call, training target, LoRA save) is in families/, one file each; loading a model in loading.py, LoRA
+files in lora_io.py, sampling and prompt encodings in sampling.py.
 Generation keeps each sample's final latents; fine-tuning trains on them directly, so the VAE never
 encodes during training.
 """
