@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..protocols import Reward
-from . import clip, jpeg, oracle, text
+from . import clip, jpeg, oracle, preference, text
 
 REGISTRY: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
@@ -28,6 +28,8 @@ REGISTRY: dict[str, Callable[..., Reward]] = {
     "hf_classifier": text.hf_classifier,
     "minilm_sentiment": text.minilm_sentiment,
     "oracle": oracle.oracle,
+    "pickscore": preference.pickscore,
+    "hpsv2": preference.hpsv2,
 }
 # What each reward reads: images (N, 3, H, W) in [0, 1], or texts (list[str]).
 READS = {name: "texts" if name in ("vader", "hf_classifier", "minilm_sentiment") else "images" for name in REGISTRY}
