@@ -9,6 +9,7 @@ the same machine load.
 
     python bench/rewards.py [--n 64] [--batch 32] [--image-size 224] [--repeats 5] [--threads 0]
     python bench/rewards.py --model ViT-B-32 --n 32   # a real architecture, random weights
+    python bench/rewards.py --each                    # every image reward, tiny weights, side by side
 
 Prints samples per second of each mode and the ratio; writes bench/results/rewards.json.
 """
@@ -71,6 +72,68 @@ def score(rewards, images: torch.Tensor, prompts: list[str], batch: int, clip=No
     return totals
 
 
+def tiny_pickscore(folder: Path, image_size: int) -> dict[str, str]:
+    """A tiny random transformers CLIPModel and its CLIPProcessor (open_clip's BPE), saved: pickscore's options."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from raft_diffusion.tokenizer import clip_tokenizer
+
+    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    CLIPModel(CLIPConfig(text_config={**tower, "vocab_size": 49408, "max_position_embeddings": 77},
+                         vision_config={**tower, "image_size": image_size, "patch_size": 16},
+                         projection_dim=32)).save_pretrained(folder / "pickscore")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                     crop_size={"height": image_size, "width": image_size}),
+                  tokenizer=clip_tokenizer()).save_pretrained(folder / "pickscore-processor")
+    return {"model": str(folder / "pickscore"), "processor": str(folder / "pickscore-processor")}
+
+
+def each_reward(args, folder: Path) -> None:
+    """Images per second of every image reward (tiny random weights of each one's architecture family,
+    `--n` images of `--resolution` px, `--batch` per call), measured in turns so all see the same load."""
+    import open_clip
+
+    config = tiny_clip_config(folder, args.image_size)
+    clip_options = {"model_config": str(config), "pretrained": "none"}
+    open_clip.add_model_config(config)
+    hps = folder / "hps-tiny.safetensors"
+    save_file(open_clip.create_model(config.stem).state_dict(), str(hps))
+    device = torch.device("cpu")
+    options = {
+        "clip": clip_options,
+        "aesthetic": {**clip_options, "head": str(laion_head(folder, 32))},
+        "pickscore": {**tiny_pickscore(folder, args.image_size), "batch_size": args.batch},
+        "hpsv2": {"checkpoint": str(hps), "model_config": str(config), "batch_size": args.batch},
+        "jpeg_compressibility": {},
+    }
+    rewards = {name: build_reward(name, opts, device) for name, opts in options.items()}
+    images = torch.rand(args.n, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(1))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.n)]
+    seconds: dict[str, list[float]] = {name: [] for name in rewards}
+    for name, fn in rewards.items():  # warm-up
+        fn(images[:2], prompts[:2])
+    for _ in range(args.repeats):
+        for name, fn in rewards.items():
+            start = time.perf_counter()
+            for begin in range(0, args.n, args.batch):
+                fn(images[begin:begin + args.batch], prompts[begin:begin + args.batch])
+            seconds[name].append(time.perf_counter() - start)
+    median = {m: statistics.median(s) for m, s in seconds.items()}
+    print(f"every image reward, tiny random weights (towers 64 wide x 2 layers, input {args.image_size}), "
+          f"{args.n} images {args.resolution}x{args.resolution}, {args.batch} a call, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'reward':22}{'seconds':>10}{'images/s':>10}{'vs clip':>9}")
+    for name in rewards:
+        print(f"{name:22}{median[name]:10.3f}{args.n / median[name]:10.1f}{median['clip'] / median[name]:9.2f}")
+    out = Path(__file__).parent / "results" / "rewards-each.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "median_seconds": median,
+                               "images_per_second": {m: args.n / s for m, s in median.items()},
+                               "all_seconds": seconds, "torch": torch.__version__,
+                               "threads": torch.get_num_threads()}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64, help="images scored per measurement")
@@ -80,12 +143,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=None, help="an open_clip model name (random weights) instead of the tiny one")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--each", action="store_true", help="every image reward's throughput instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     folder = Path(tempfile.mkdtemp(prefix="bench-rewards-"))
     torch.manual_seed(0)
+    if args.each:
+        return each_reward(args, folder)
     if args.model:
         options = {"model": args.model, "pretrained": "none"}
         described = f"{args.model} (random weights)"
