@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..protocols import Reward
-from . import clip, jpeg, oracle, preference, text
+from . import clip, jpeg, oracle, preference, text, vlm
 
 REGISTRY: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
@@ -30,6 +30,7 @@ REGISTRY: dict[str, Callable[..., Reward]] = {
     "oracle": oracle.oracle,
     "pickscore": preference.pickscore,
     "hpsv2": preference.hpsv2,
+    "vlm_judge": vlm.vlm_judge,
 }
 # What each reward reads: images (N, 3, H, W) in [0, 1], or texts (list[str]).
 READS = {name: "texts" if name in ("vader", "hf_classifier", "minilm_sentiment") else "images" for name in REGISTRY}
