@@ -498,7 +498,12 @@ def serve_reward(
     from .rewards.http import make_server
 
     assert reward in REGISTRY
-    fn = build_reward(reward, parsed, where, field="--options")
+    try:
+        fn = build_reward(reward, parsed, where, field="REWARD")
+    except UserError as e:  # REWARD.options.quality: as the user wrote it, --options' quality
+        if not e.field.startswith("REWARD.options"):
+            raise
+        raise UserError("--options" + e.field[len("REWARD.options"):], e.problem, e.fix) from None
     try:
         server = make_server(fn, reward, reads_of(reward), host, port, device=where)
     except OSError as e:
