@@ -293,9 +293,7 @@ def test_serve_reward_serves_a_tiny_run_with_the_in_process_numbers(tmp_path, ca
         assert result.returncode == 0, result.stderr
         a, b = metrics_without_seconds(local_run), metrics_without_seconds(remote_run)
         assert len(a) == len(b) > 0
-        for x, y in zip(a, b):
-            keys = [k for k in x if "reward" in k]
-            assert keys and {k: x[k] for k in keys} == {k: y[k] for k in keys}
+        assert a == b  # reward_mean, reward_std, rewards, eval, train_loss...: all but the timings
     finally:
         server.terminate()
         out, err = server.communicate(timeout=30)
@@ -324,7 +322,7 @@ def test_a_server_killed_mid_run_stops_it_in_one_line_and_resume_continues(tmp_p
     served.thread.join(10)
     assert result.returncode == 1
     line = one_error_line(result.stderr)
-    assert "the rewards failed on every sample" in line and "HttpRewardError" in line, line
+    assert line.startswith("error: iteration 2: the rewards failed on every sample") and "HttpRewardError" in line, line
     done = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
     restarted = jpeg_server(port)  # the same address again
     try:
@@ -333,4 +331,4 @@ def test_a_server_killed_mid_run_stops_it_in_one_line_and_resume_continues(tmp_p
     finally:
         restarted.stop()
     records = metrics_without_seconds(run)
-    assert len(records) > len(done)
+    assert len(done) == 1 and len(records) == 2  # iteration 1 kept, iteration 2 run again on --resume
