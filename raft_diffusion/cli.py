@@ -438,8 +438,8 @@ def score(
     from .rewards import check_name, check_reads
 
     check_name(reward, "--reward")
-    check_reads(reward, "images", "--reward")
     options = _parse_options(option)
+    check_reads(reward, "images", "--reward", options, options_field="--option")
     if batch_size <= 0:
         raise UserError("--batch-size", f"{batch_size}", "use a positive batch size")
     for path in images:

@@ -332,3 +332,13 @@ def test_a_server_killed_mid_run_stops_it_in_one_line_and_resume_continues(tmp_p
         restarted.stop()
     records = metrics_without_seconds(run)
     assert len(done) == 1 and len(records) == 2  # iteration 1 kept, iteration 2 run again on --resume
+
+
+def test_score_refuses_an_http_reward_that_reads_texts(tmp_path, capfd):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    result = run_in_process(capfd, "score", "--reward", "http", "--option", "url=http://127.0.0.1:9/score",
+                            "--option", "reads=texts", str(tmp_path / "a.png"))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr).startswith("error: --option.reads: http reads texts")

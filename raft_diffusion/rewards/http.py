@@ -277,6 +277,9 @@ def make_server(reward: Callable, name: str, reads: str, host: str = "127.0.0.1"
                 with score_lock, torch.inference_mode():
                     raw = reward(outputs, prompts) if prompts else []
                 values = raw.detach().cpu().tolist() if isinstance(raw, torch.Tensor) else list(raw)
+                values = [v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v for v in values]  # (n, 1)
+                if len(values) != len(prompts):
+                    raise ValueError(f"the reward returned {len(values)} scores for {len(prompts)} samples")
                 scores = [float(v) if v is not None and math.isfinite(float(v)) else None for v in values]
             except Exception as e:  # noqa: BLE001 - the client drops these samples
                 self._reply(500, {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"})
