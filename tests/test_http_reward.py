@@ -342,3 +342,21 @@ def test_score_refuses_an_http_reward_that_reads_texts(tmp_path, capfd):
                             "--option", "reads=texts", str(tmp_path / "a.png"))
     assert result.returncode == 2
     assert one_error_line(result.stderr).startswith("error: --option.reads: http reads texts")
+
+
+def test_the_served_handler_scores_texts_and_refuses_bad_requests():
+    import urllib.error
+    import urllib.request
+
+    served = Served(make_server(lambda texts, prompts: [[float(len(t))] for t in texts], "lengths", "texts"))
+    try:
+        remote = build_reward("http", {"url": served.url, "reads": "texts"}, CPU)
+        assert remote(["ab", "abcd", ""], ["p", "q", "r"]) == [2.0, 4.0, 0.0]  # (n, 1) scores served flat
+        bad = urllib.request.Request(served.url, data=b'{"prompts": ["p"], "images": ["x"]}', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(bad, timeout=10)
+        assert caught.value.code == 400 and "texts" in json.loads(caught.value.read())["error"]
+        with pytest.raises(HttpRewardError, match="HTTP 400"):  # a 4xx is not retried
+            build_reward("http", {"url": served.url}, CPU)(torch.zeros(1, 3, 4, 4), ["p"])
+    finally:
+        served.stop()
