@@ -438,8 +438,8 @@ def score(
     from .rewards import check_name, check_reads
 
     check_name(reward, "--reward")
-    check_reads(reward, "images", "--reward")
     options = _parse_options(option)
+    check_reads(reward, "images", "--reward", options, options_field="--option")
     if batch_size <= 0:
         raise UserError("--batch-size", f"{batch_size}", "use a positive batch size")
     for path in images:
@@ -457,6 +457,67 @@ def score(
     scores = score_images(tensors, fn, prompt, batch_size)
     for value in scores:
         print(f"{value:.6g}")
+
+
+@app.command("serve-reward")
+def serve_reward(
+    reward: str = typer.Argument(..., help="A built-in reward's name (the list: any wrong name)."),
+    options: str = typer.Option("{}", "--options", help='The reward\'s options as a JSON object, e.g. '
+                                '\'{"quality": 80}\'.'),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on; 0 picks a free one (the line printed names it)."),
+    device: str = typer.Option("cpu", "--device", help="Where the reward computes: cpu, cuda, cuda:1."),
+) -> None:
+    """Serve a reward over HTTP (POST /score, GET /health) for the `http` reward of another machine's run."""
+    import json
+
+    from .rewards import REGISTRY, available, check_name, reads_of
+
+    check_name(reward, "REWARD")
+    if reward.startswith("python:") or reward == "http":
+        raise UserError("REWARD", f"{reward!r} cannot be served", f"serve a built-in reward: "
+                        f"{', '.join(n for n in available() if n != 'http')}")
+    try:
+        parsed = json.loads(options)
+    except ValueError as e:
+        raise UserError("--options", f"not JSON: {e}", 'write e.g. --options \'{"quality": 80}\'') from None
+    if not isinstance(parsed, dict):
+        raise UserError("--options", "not a JSON object", 'write e.g. --options \'{"quality": 80}\'')
+    if not 0 <= port <= 65535:
+        raise UserError("--port", f"{port} is outside 0..65535", "use e.g. --port 8000, or 0 for a free one")
+    _quiet_libraries()
+    import torch
+
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError("--device", f"{device!r} is not a device", "use cpu, cuda or cuda:N") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device", "CUDA is not available here", "use --device cpu")
+    from .rewards import build_reward
+    from .rewards.http import make_server
+
+    assert reward in REGISTRY
+    try:
+        fn = build_reward(reward, parsed, where, field="REWARD")
+    except UserError as e:  # REWARD.options.quality: as the user wrote it, --options' quality
+        if not e.field.startswith("REWARD.options"):
+            raise
+        raise UserError("--options" + e.field[len("REWARD.options"):], e.problem, e.fix) from None
+    try:
+        server = make_server(fn, reward, reads_of(reward), host, port, device=where)
+    except OSError as e:
+        raise UserError("--port", f"cannot listen on {host}:{port}: {e.strerror or e}",
+                        "pick another --port (0: a free one) or --host") from None
+    bound_host, bound_port = server.server_address[:2]
+    print(f"serving {reward} on http://{bound_host}:{bound_port}/score", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop listening, and end without a traceback
+        pass
+    finally:
+        server.server_close()
+    print(f"stopped serving {reward}", flush=True)
 
 
 def _parse_options(assignments: list[str]) -> dict:

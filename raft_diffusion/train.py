@@ -45,10 +45,10 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     outputs = kind_of(config).outputs
     for i, spec in enumerate(config.rewards):
         check_name(spec.name, f"config rewards.{i}.name")
-        check_reads(spec.name, outputs, f"config rewards.{i}.name")
+        check_reads(spec.name, outputs, f"config rewards.{i}.name", spec.options)
     for i, spec in enumerate(config.eval.judges):
         check_name(spec.name, f"config eval.judges.{i}.name")
-        check_reads(spec.name, outputs, f"config eval.judges.{i}.name")
+        check_reads(spec.name, outputs, f"config eval.judges.{i}.name", spec.options)
     group = config.generation.samples_per_prompt + sum(e.per_prompt for e in config.generation.experts)
     if config.selection.strategy == "per_prompt" and config.selection.top > group:
         raise UserError("config selection.top", f"{config.selection.top} exceeds the {group} candidates of a prompt",

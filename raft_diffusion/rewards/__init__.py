@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..protocols import Reward
-from . import clip, jpeg, oracle, preference, text, vlm
+from . import clip, http, jpeg, oracle, preference, text, vlm
 
 REGISTRY: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
@@ -31,9 +31,12 @@ REGISTRY: dict[str, Callable[..., Reward]] = {
     "pickscore": preference.pickscore,
     "hpsv2": preference.hpsv2,
     "vlm_judge": vlm.vlm_judge,
+    "http": http.http_reward,
 }
-# What each reward reads: images (N, 3, H, W) in [0, 1], or texts (list[str]).
+# What each reward reads: images (N, 3, H, W) in [0, 1], or texts (list[str]). `http` reads what its
+# `reads` option says (default images): see `reads_of`.
 READS = {name: "texts" if name in ("vader", "hf_classifier", "minilm_sentiment") else "images" for name in REGISTRY}
+OPTION_READS = {"http": "images"}  # rewards whose `reads` option (this its default) says what they read
 INJECTED = ("device", "dtype", "field")
 
 
@@ -49,11 +52,30 @@ def check_name(name: str, field: str) -> None:
                     f"available: {', '.join(available())}, or python:module:function")
 
 
-def check_reads(name: str, outputs: str, field: str) -> None:
-    """Refuse a registered reward that cannot read what the backend makes ("images" or "texts")."""
-    reads = READS.get(name)
+def reads_of(name: str, options: dict[str, Any] | None = None, field: str = "rewards.options") -> str | None:
+    """What a registered reward reads ("images" or "texts"; None for python:...). A reward of
+    OPTION_READS reads its `reads` option; a bad one is a UserError naming `field`.reads."""
+    if name in OPTION_READS:
+        reads = (options or {}).get("reads", OPTION_READS[name])
+        return http.check_reads_option(reads, field)
+    return READS.get(name)
+
+
+def check_reads(name: str, outputs: str, field: str, options: dict[str, Any] | None = None,
+                options_field: str | None = None) -> None:
+    """Refuse a registered reward that cannot read what the backend makes ("images" or "texts").
+
+    `field` names the reward's name; `options_field` (default: `field` less its last part, plus
+    `.options`) its options, where what it reads is an option (http's `reads`)."""
+    if options_field is None:
+        options_field = f"{field.rsplit('.', 1)[0]}.options" if "." in field else f"{field} options"
+    reads = reads_of(name, options, options_field)
     if reads is not None and reads != outputs:
-        usable = ", ".join(n for n in available() if READS[n] == outputs)
+        usable = ", ".join(n for n in available() if READS[n] == outputs and n not in OPTION_READS)
+        usable += f", http (with reads: {outputs})"
+        if name in OPTION_READS:
+            raise UserError(f"{options_field}.reads", f"{name} reads {reads}, but this backend makes {outputs}",
+                            f"set reads: {outputs}")
         raise UserError(field, f"reward {name!r} scores {reads}, but this backend makes {outputs}",
                         f"rewards for {outputs}: {usable}")
 
