@@ -104,8 +104,8 @@ def check_drops(scored: Scored, config: RunConfig, it: int) -> None:
     filtered = scored.n_filtered
     if filtered and filtered == len(scored.total):
         counts = ", ".join(f"{k}: {v}" for k, v in scored.filter_counts().items() if v)
-        raise RunFailed(f"iteration {it + 1}: the filters rejected every candidate ({counts}); nothing is left to "
-                        "train on; loosen the filters; nothing of this iteration was saved")
+        raise RunFailed(f"iteration {it + 1}: the filters rejected every candidate ({counts}), leaving nothing "
+                        "to train on (loosen the filters); nothing of this iteration was saved")
     n, dropped = len(scored.total) - filtered, scored.n_dropped - filtered
     limit = config.training.max_drop_fraction
     if n == 0 or (dropped < n and dropped <= limit * n):
