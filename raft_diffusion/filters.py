@@ -27,9 +27,12 @@ from .errors import RunFailed, UserError
 Filter = Callable[[Any, list[str]], Sequence[bool]]
 
 
-def regex(pattern: str, action: str = "reject", ignore_case: bool = False, field: str = "filters") -> Filter:
+def regex(pattern: str | None = None, action: str = "reject", ignore_case: bool = False,
+          field: str = "filters") -> Filter:
     """Texts: `action: reject` drops the texts in which `pattern` is found (re.search); `action: keep`
     keeps only those."""
+    if pattern is None:
+        raise UserError(f"{field}.pattern", "the regex filter needs a pattern", 'e.g. options: {pattern: "#{3,}"}')
     if not isinstance(pattern, str):
         raise UserError(f"{field}.pattern", f"must be a regular expression, got {pattern!r}", 'e.g. pattern: "#{3,}"')
     if action not in ("reject", "keep"):

@@ -65,6 +65,8 @@ def test_a_user_filter_that_returns_the_wrong_count_stops_the_run():
 @pytest.mark.parametrize("name, options, field", [
     ("regex", {"pattern": "(unclosed"}, "config filters.0.options.pattern"),
     ("regex", {"pattern": "#", "colour": 1}, "config filters.0.options"),
+    ("regex", {}, "config filters.0.options.pattern"),
+    ("regex", {"pattern": 3}, "config filters.0.options.pattern"),
     ("regex", {"pattern": "#", "action": "drop"}, "config filters.0.options.action"),
     ("length", {"min": "one"}, "config filters.0.options.min"),
     ("length", {"min": 5, "max": 2}, "config filters.0.options.max"),
