@@ -251,6 +251,16 @@ class RewardSpec(_Strict):
     )
 
 
+class FilterSpec(_Strict):
+    name: str = Field(..., description="registered filter name (regex, length, blank_image), or python:module:function")
+    label: Optional[str] = Field(
+        None, description="name in metrics and samples.jsonl (default: name); tells apart two uses of one filter"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="filter-specific options, e.g. regex: {pattern, action}"
+    )
+
+
 class SelectionConfig(_Strict):
     strategy: Literal["per_prompt", "global"] = Field(
         "per_prompt", description="per_prompt: best `top` of each prompt; global: best `fraction`"
@@ -343,6 +353,8 @@ ADDED_FIELDS = {
     ("model", "cache_prompt_embeddings"): True, ("model", "offload_text_encoders"): False,
     ("model", "vae_slicing"): False, ("model", "vae_tiling"): False,
 }
+# Top-level fields added since: field -> the default an older run ran with.
+ADDED_TOP_FIELDS = {"filters": []}
 
 
 class RaftConfig(_Strict):
@@ -422,6 +434,9 @@ class RunConfig(_Strict):
     generation: Union[DiffusionGenerationConfig, TextGenerationConfig] = Field(
         default_factory=DiffusionGenerationConfig, description=_HELP["generation"])
     rewards: list[RewardSpec] = Field(..., min_length=1, description="what RAFT optimizes")
+    filters: list[FilterSpec] = Field(
+        default_factory=list, description="discard filters: a candidate one rejects is dropped before scoring "
+        "(never selected or trained on), e.g. {name: regex, options: {pattern: '#{3,}'}}")
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="ranking")
     training: Union[DiffusionTrainingConfig, TextTrainingConfig] = Field(
         default_factory=DiffusionTrainingConfig, description=_HELP["training"])
@@ -604,6 +619,8 @@ def migrate_saved_config(data: Any) -> Any:
         fields = data.get(section)
         if isinstance(fields, dict) and name in cls.SECTIONS[section].model_fields:
             fields.setdefault(name, default)
+    for name, default in ADDED_TOP_FIELDS.items():
+        data.setdefault(name, copy.deepcopy(default))
     return _other_backend_fields(cls, data, refuse=False)
 
 
@@ -928,7 +945,7 @@ def field_help(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tup
         if sub is not None and issubclass(sub, ExpertConfig):  # a list of them: the list, then what each item holds
             rows.append((dotted, "[]", field.description or ""))
             rows += field_help(sub, dotted + "[].")
-        elif sub is not None and sub is not RewardSpec:
+        elif sub is not None and sub not in (RewardSpec, FilterSpec):
             rows += field_help(sub, dotted + ".")
         else:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))

@@ -27,6 +27,7 @@ from .errors import RunFailed, UserError
 from .seeds import rank_seed
 
 if TYPE_CHECKING:
+    from .filters import FilterSet
     from .objectives import Targets
     from .protocols import Backend, Samples
     from .rewards.compose import RewardSet, Scored
@@ -136,17 +137,26 @@ class Processes:
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
 
-    def score(self, reward: "RewardSet", samples: "Samples", groups: Sequence[int]) -> "Scored":
-        """Every sample's scores: each process scores its share, and only the scores travel."""
-        parts, errors = self.together(lambda: reward.raw(samples.outputs, samples.prompts))
+    def score(self, reward: "RewardSet", samples: "Samples", groups: Sequence[int],
+              filters: "FilterSet | None" = None) -> "Scored":
+        """Every sample's scores: each process filters (`filters`, if any) and scores its share, and
+        only the scores and the filters' verdicts travel."""
+        def mine():
+            rejected = filters(samples.outputs, samples.prompts) if filters else [None] * len(samples.prompts)
+            return (*reward.raw_kept(samples.outputs, samples.prompts, rejected), rejected)
+
+        parts, errors, rejected = self.together(mine)
         if self.count > 1:
-            everyone = self.gather((parts, errors))
-            parts = {k: np.concatenate([p[k] for p, _ in everyone]) for k in parts}
+            everyone = self.gather((parts, errors, rejected))
+            parts = {k: np.concatenate([p[k] for p, _, _ in everyone]) for k in parts}
+            rejected = [r for _, _, share in everyone for r in share]
             errors = {}
-            for _, e in everyone:
+            for _, e, _ in everyone:
                 for k, v in e.items():
                     errors.setdefault(k, v)
-        return reward.combine(parts, groups, errors)
+        if not filters:
+            return reward.combine(parts, groups, errors)
+        return reward.combine(parts, groups, errors, rejected, filters.names())
 
     def training_share(self, samples: "Samples", chosen: "Targets", n: int) -> "Samples":
         return training_samples(samples, chosen, n, self.accelerator)

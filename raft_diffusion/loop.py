@@ -3,7 +3,8 @@
     for each iteration:
         1. Sample    K candidates for each of b prompts (one recorded seed per candidate), and
                      the candidates of other experts beside them (experts.py), if any
-        2. Score     reward = sum of weight * reward_i(sample, prompt); failures are dropped
+        2. Score     reward = sum of weight * reward_i(sample, prompt); failures are dropped, and so
+                     are the candidates a discard filter rejects first (filters.py)
         3. Select    the best of each prompt (per_prompt) or the best fraction (global)
         4. Fine-tune the adapter on the selected (prompt, sample) pairs (`training.objective: raft`;
            other objectives weight every sample: objectives.py)
@@ -30,6 +31,7 @@ from .config import RunConfig
 from .distributed import Processes
 from .errors import RunFailed
 from .experts import Experts
+from .filters import FilterSet
 from .objectives import targets
 from .observers import Iteration, run_observers
 from .protocols import Backend
@@ -46,11 +48,12 @@ __all__ = ["raft", "evaluate", "draw_prompts", "summary", "eval_parts", "iterati
 def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardSet,
          run: RunDirectory, accelerator: Accelerator, train_prompts: Sequence[str],
          eval_prompts: Sequence[str], log: Callable[[str], None] = print, resume: bool = False,
-         experts: Experts | None = None) -> list[dict[str, Any]]:
+         experts: Experts | None = None, filters: FilterSet | None = None) -> list[dict[str, Any]]:
     """Run the RAFT iterations of `config` (with `resume`, from `run`'s newest intact checkpoint)
     and return the metrics. A diverged training step or failing rewards raise `RunFailed` before
     anything of that iteration is saved. `experts` (`generation.experts`, loaded) add candidates to
-    each prompt's group beside the policy's own."""
+    each prompt's group beside the policy's own; `filters` (`filters`, built) drop candidates before
+    they are scored."""
     processes = Processes(accelerator)
     state = LoopState(config, backend, processes, run, resume, log, experts)
     candidates = Candidates(config, backend, processes, experts)
@@ -69,7 +72,7 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         with timed(seconds, "generate"), stopped_at(it), state.sampler():  # 1. Sample K per prompt (and experts')
             batch = candidates.sample(prompts, it, seconds)
         with timed(seconds, "score"), stopped_at(it):  # 2. Score; only the scores are gathered
-            scored = processes.score(reward, batch.samples, batch.groups)
+            scored = processes.score(reward, batch.samples, batch.groups, filters)
         check_drops(scored, config, it)
         chosen = select(scored.total, batch.groups, sel.strategy, sel.top, sel.fraction)  # 3. Select
         with timed(seconds, "train"), stopped_at(it):  # 4. Fine-tune (on what the objective makes of it)
@@ -95,8 +98,15 @@ def evaluation_due(config: RunConfig, it: int) -> bool:
 
 
 def check_drops(scored: Scored, config: RunConfig, it: int) -> None:
-    """Stop when the rewards failed on every sample, or on more than training.max_drop_fraction."""
-    n, dropped = len(scored.total), scored.n_dropped
+    """Stop when the filters rejected every candidate, or the rewards failed on every sample they
+    scored, or on more than training.max_drop_fraction of them (filtered candidates are not counted:
+    rejecting is what a filter is for)."""
+    filtered = scored.n_filtered
+    if filtered and filtered == len(scored.total):
+        counts = ", ".join(f"{k}: {v}" for k, v in scored.filter_counts().items() if v)
+        raise RunFailed(f"iteration {it + 1}: the filters rejected every candidate ({counts}), leaving nothing "
+                        "to train on (loosen the filters); nothing of this iteration was saved")
+    n, dropped = len(scored.total) - filtered, scored.n_dropped - filtered
     limit = config.training.max_drop_fraction
     if n == 0 or (dropped < n and dropped <= limit * n):
         return

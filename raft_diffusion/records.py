@@ -25,7 +25,8 @@ def sample_rows(prompts: Sequence[str], seeds: Sequence[int], scored: Scored, ch
     for i in range(len(prompts)):
         scores = {k: _num(v[i]) for k, v in parts.items()}
         rows.append({"prompt": prompts[i], "seed": seeds[i], **(sources[i] if sources is not None else {}),
-                     "reward": _num(scored.total[i]), "scores": scores, "selected": i in chosen_set})
+                     "reward": _num(scored.total[i]), "scores": scores, "selected": i in chosen_set,
+                     **({"filtered": scored.filtered[i]} if scored.filtered else {})})
     return rows
 
 
@@ -44,6 +45,7 @@ def iteration_record(it: int, scored: Scored, chosen: Sequence[int], loss: float
         "n_generated": int(len(scored.total)),
         "n_selected": len(chosen),
         "n_dropped": scored.n_dropped,
+        **({"n_filtered": scored.n_filtered, "filtered": scored.filter_counts()} if scored.filter_names else {}),
         "train_loss": _num(loss),
         "eval": evaluation,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -57,7 +59,8 @@ def summary(record: dict[str, Any], iterations: int) -> str:
     ev = " ".join(f"{k}={f(v)}" for k, v in record["eval"].items())
     return (f"iter {record['iteration'] + 1}/{iterations}  reward {f(record['reward_mean'])}{raw_rewards(record)}"
             f"  selected {f(record['reward_selected_mean'])}  dropped {record['n_dropped']}"
-            f"  loss {f(record['train_loss'])}" + (f"  eval[{ev}]" if ev else "")
+            + (f" (filtered {record['n_filtered']})" if record.get("n_filtered") else "")
+            + f"  loss {f(record['train_loss'])}" + (f"  eval[{ev}]" if ev else "")
             + f"  ({', '.join(f'{k} {v:.1f}s' for k, v in record['seconds'].items())})")
 
 

@@ -24,6 +24,7 @@ from .rewards import check_name, check_reads
 from .run_dir import RunDirectory
 from .checkpoint import write_text_atomically
 from .experts import Experts
+from .filters import FilterSet
 from .kinds import build_backend, kind_of
 from .loop import evaluate, raft
 from .rewards.compose import RewardSet
@@ -49,6 +50,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
     for i, spec in enumerate(config.eval.judges):
         check_name(spec.name, f"config eval.judges.{i}.name")
         check_reads(spec.name, outputs, f"config eval.judges.{i}.name", spec.options)
+    filters = FilterSet(config.filters, outputs, field="config filters")  # built now: a bad option writes nothing
     group = config.generation.samples_per_prompt + sum(e.per_prompt for e in config.generation.experts)
     if config.selection.strategy == "per_prompt" and config.selection.top > group:
         raise UserError("config selection.top", f"{config.selection.top} exceeds the {group} candidates of a prompt",
@@ -89,7 +91,7 @@ def run_training(config: RunConfig, *, search: Sequence[Path] = (), resume: bool
         trackers.start(accelerator, config)
         accelerator.wait_for_everyone()
         metrics = raft(config, backend, reward, judges, run, accelerator, train_prompts, eval_prompts, log,
-                       resume=mode == "resume" and resume, experts=experts)
+                       resume=mode == "resume" and resume, experts=experts, filters=filters)
         if after is not None:
             after()
         return metrics

@@ -121,10 +121,27 @@ class Scored:
     total: np.ndarray  # (N,) weighted sum, NaN for dropped samples
     parts: dict[str, np.ndarray]  # reward name -> raw (unnormalised) scores
     errors: dict[str, str] = field(default_factory=dict)  # reward name -> first reason it dropped a sample
+    # Per sample, the label of the filter (filters.py) that rejected it before scoring, or None;
+    # empty when the run has no filters. A rejected sample is dropped: NaN in total and parts.
+    filtered: list[str | None] = field(default_factory=list)
+    filter_names: list[str] = field(default_factory=list)  # every filter's label, in the config's order
 
     @property
     def n_dropped(self) -> int:
+        """Samples without a score: a reward failed on them, or a filter rejected them."""
         return int(np.isnan(self.total).sum())
+
+    @property
+    def n_filtered(self) -> int:
+        return sum(r is not None for r in self.filtered)
+
+    def filter_counts(self) -> dict[str, int]:
+        """How many samples each filter rejected (every filter named, 0 included)."""
+        counts = {label: 0 for label in self.filter_names}
+        for r in self.filtered:
+            if r is not None:
+                counts[r] = counts.get(r, 0) + 1
+        return counts
 
 
 class RewardSet:
@@ -150,6 +167,20 @@ class RewardSet:
         parts, errors = self.raw(outputs, prompts, batch_size)
         return self.combine(parts, groups, errors)
 
+    def raw_kept(self, outputs, prompts: Sequence[str], rejected: Sequence[str | None],
+                 batch_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """`raw` of the samples no filter rejected (`rejected[i]` None); NaN for the others, which
+        no reward is called on."""
+        kept = [i for i, r in enumerate(rejected) if r is None]
+        if len(kept) == len(prompts):
+            return self.raw(outputs, prompts, batch_size)
+        parts, errors = self.raw(take(outputs, kept), [prompts[i] for i in kept], batch_size)
+        full = {}
+        for label, scores in parts.items():
+            full[label] = np.full(len(prompts), np.nan)
+            full[label][kept] = scores
+        return full, errors
+
     def raw(self, outputs, prompts: Sequence[str], batch_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Each reward's raw scores of `outputs` (NaN where it failed) and its first reason to fail.
 
@@ -167,16 +198,19 @@ class RewardSet:
         parts = {label: np.concatenate(chunks[label]) if n else np.zeros(0) for label in labels}
         return parts, {label: r[0] for label, r in reasons.items() if r}
 
-    def combine(self, parts: dict[str, np.ndarray], groups: Sequence[int], errors: dict[str, str]) -> Scored:
-        """The weighted (maybe normalised) sum of raw scores: what ranking reads."""
+    def combine(self, parts: dict[str, np.ndarray], groups: Sequence[int], errors: dict[str, str],
+                filtered: Sequence[str | None] = (), filter_names: Sequence[str] = ()) -> Scored:
+        """The weighted (maybe normalised) sum of raw scores: what ranking reads. `filtered`: the
+        filter that rejected each sample (or None), whose parts are NaN already."""
         n = len(groups)
         total = np.zeros(n)
         for label, spec in zip(self.names(), self.specs):
             total = total + spec.weight * _normalize(parts[label], groups, spec.normalize)
-        dropped = int(np.isnan(total).sum())
+        dropped = int(np.isnan(total).sum()) - sum(r is not None for r in filtered)
         if dropped:
             log.warning("%d of %d samples dropped: a reward failed or was not finite", dropped, n)
-        return Scored(total=total, parts=parts, errors=dict(errors))
+        return Scored(total=total, parts=parts, errors=dict(errors), filtered=list(filtered),
+                      filter_names=list(filter_names))
 
     def check_prompts(self, prompts: Sequence[str], field: str) -> None:
         """Refuse, before the run starts, prompts that a reward can never score (e.g. the oracle
