@@ -100,7 +100,8 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(straight, tmp_path):
     config = write_yaml(tmp_path / "config.yaml",
                         deep_update(RUN, {"rewards": [{"name": "python:tests.rewards_for_tests:slow_jpeg"}]}))
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAFT_TEST_SLOW_REWARD": "2"}
+    # faulthandler: should the process die of a native abort (once, under load: -6), its stderr says where
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAFT_TEST_SLOW_REWARD": "2", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "raft_diffusion", "train", str(config), "--output-dir", str(run)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -108,8 +109,9 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(straight, tmp_path):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143
+    code = proc.wait(timeout=120)
     err = proc.stderr.read()
+    assert code == 143, err[-3000:]
     assert "terminated (SIGTERM); continue with --resume" in err and "Traceback" not in err, err
     assert main(["train", str(config), "--output-dir", str(run), "--resume"]) == 0
     # The same numbers as the run never stopped (slow_jpeg scores as jpeg_compressibility does).
