@@ -145,14 +145,10 @@ class FilterSet:
         return bool(self.specs)
 
     def names(self) -> list[str]:
-        """Unique labels (label, else name; a second use of one name gets #2)."""
-        seen: dict[str, int] = {}
-        labels = []
-        for s in self.specs:
-            base = s.label or s.name
-            seen[base] = seen.get(base, 0) + 1
-            labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-        return labels
+        """Unique labels (label, else name; a second use of one name gets #2), as the rewards'."""
+        from .rewards.compose import unique_labels
+
+        return unique_labels(self.specs)
 
     def __call__(self, outputs: Any, prompts: Sequence[str]) -> list[str | None]:
         """Per sample: the label of the first filter that rejected it, or None (kept). Each filter

@@ -272,6 +272,17 @@ def _resolve_pretrained(open_clip, name: str, pretrained: str | None, custom: bo
 # --- rewards -----------------------------------------------------------------------------------
 
 
+def cached_text_embeddings(clip: LoadedClip, cache: dict[str, torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
+    """(N, D) text embeddings of `prompts`, each distinct prompt encoded once and kept in `cache`
+    (prompts recur across iterations; the cache is emptied past 4,096 prompts)."""
+    new = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if new:
+        if len(cache) + len(new) > 4096:
+            cache.clear()
+        cache.update(zip(new, clip.encode_texts(new)))
+    return torch.stack([cache[p] for p in prompts])
+
+
 def clip_score(model: str = "ViT-L-14", pretrained: str | None = "openai", model_config: str | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, field: str = "options"):
     """Reward = 100 x cosine(CLIP image embedding, CLIP text embedding of the prompt).
@@ -284,12 +295,7 @@ def clip_score(model: str = "ViT-L-14", pretrained: str | None = "openai", model
 
     def reward(images: torch.Tensor, prompts: Sequence[str]) -> list[float]:
         with torch.inference_mode():
-            new = [p for p in dict.fromkeys(prompts) if p not in prompt_cache]
-            if new:
-                if len(prompt_cache) + len(new) > 4096:
-                    prompt_cache.clear()
-                prompt_cache.update(zip(new, clip.encode_texts(new)))
-            text = torch.stack([prompt_cache[p] for p in prompts])
+            text = cached_text_embeddings(clip, prompt_cache, prompts)
             image = clip.encode_images(images)
             return (100 * (image * text).sum(-1)).cpu().tolist()
 

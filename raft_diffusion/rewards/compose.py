@@ -144,6 +144,17 @@ class Scored:
         return counts
 
 
+def unique_labels(specs: Sequence[Any]) -> list[str]:
+    """Each spec's label, else its name; a second use of one gets `#2`, and so on (rewards, filters)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for s in specs:
+        base = s.label or s.name
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return labels
+
+
 class RewardSet:
     """Several rewards, each loaded once, summed with weights."""
 
@@ -155,13 +166,7 @@ class RewardSet:
 
     def names(self) -> list[str]:
         # Unique labels, even when one reward appears twice with different options.
-        seen: dict[str, int] = {}
-        labels = []
-        for s in self.specs:
-            base = s.label or s.name
-            seen[base] = seen.get(base, 0) + 1
-            labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
-        return labels
+        return unique_labels(self.specs)
 
     def __call__(self, outputs, prompts: Sequence[str], groups: Sequence[int], batch_size: int = 64) -> Scored:
         parts, errors = self.raw(outputs, prompts, batch_size)

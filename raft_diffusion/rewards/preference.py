@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .clip import load_clip
+from .clip import cached_text_embeddings, load_clip
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 HPS_CHECKPOINT = "hf-hub:xswu/HPSv2/HPS_v2.1_compressed.pt"
 
 
-def _reason(error: Exception) -> str:
+def error_reason(error: Exception) -> str:
+    """An exception's first line, at most 160 characters (a loader's reason in a one-line error)."""
     text = str(error).strip().splitlines()
     reason = text[0] if text else type(error).__name__
     return reason if len(reason) <= 160 else reason[:157] + "..."
@@ -57,13 +58,13 @@ def pickscore(model: str = PICKSCORE_MODEL, processor: str = PICKSCORE_PROCESSOR
     try:
         clip = CLIPModel.from_pretrained(model, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - offline machines and wrong directories end here
-        raise UserError(f"{field}.model", f"cannot load the PickScore model {model!r}: {_reason(e)}",
+        raise UserError(f"{field}.model", f"cannot load the PickScore model {model!r}: {error_reason(e)}",
                         "with no hub access, download yuvalkirstain/PickScore_v1 elsewhere and set model to "
                         "its local directory") from None
     try:
         proc = CLIPProcessor.from_pretrained(processor)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{field}.processor", f"cannot load the CLIP processor {processor!r}: {_reason(e)}",
+        raise UserError(f"{field}.processor", f"cannot load the CLIP processor {processor!r}: {error_reason(e)}",
                         "with no hub access, download laion/CLIP-ViT-H-14-laion2B-s32B-b79K's processor files "
                         "(preprocessor_config.json, tokenizer) and set processor to that directory") from None
     clip.to(device).eval().requires_grad_(False)
@@ -130,12 +131,6 @@ def hpsv2(checkpoint: str = HPS_CHECKPOINT, model: str = "ViT-H-14", model_confi
     prompt_cache: dict[str, torch.Tensor] = {}
 
     def score(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        new = [p for p in dict.fromkeys(prompts) if p not in prompt_cache]
-        if new:
-            if len(prompt_cache) + len(new) > 4096:
-                prompt_cache.clear()
-            prompt_cache.update(zip(new, clip.encode_texts(new)))
-        text = torch.stack([prompt_cache[p] for p in prompts])
-        return (clip.encode_images(images) * text).sum(-1)
+        return (clip.encode_images(images) * cached_text_embeddings(clip, prompt_cache, prompts)).sum(-1)
 
     return _batched(score, batch_size)

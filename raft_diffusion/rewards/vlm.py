@@ -19,15 +19,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .preference import error_reason
 
 VLM_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 QUESTION = "Does this image show {prompt}? Answer yes or no."
-
-
-def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    reason = text[0] if text else type(error).__name__
-    return reason if len(reason) <= 160 else reason[:157] + "..."
 
 
 def vlm_judge(model: str = VLM_MODEL, question: str = QUESTION, answer: str = "Yes", batch_size: int = 4,
@@ -40,7 +35,7 @@ def vlm_judge(model: str = VLM_MODEL, question: str = QUESTION, answer: str = "Y
     try:
         question.format(prompt="a cat")
     except (KeyError, IndexError, ValueError, AttributeError) as e:
-        raise UserError(f"{field}.question", f"{question!r} is not a question template ({_reason(e)})",
+        raise UserError(f"{field}.question", f"{question!r} is not a question template ({error_reason(e)})",
                         "write the question with {prompt} where the sample's prompt goes, and no other braces"
                         ) from None
     if str(model).startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
@@ -50,7 +45,7 @@ def vlm_judge(model: str = VLM_MODEL, question: str = QUESTION, answer: str = "Y
         processor = AutoProcessor.from_pretrained(model)
         vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - offline machines, wrong directories, text-only models
-        raise UserError(f"{field}.model", f"cannot load the vision-language model {model!r}: {_reason(e)}",
+        raise UserError(f"{field}.model", f"cannot load the vision-language model {model!r}: {error_reason(e)}",
                         "pass a transformers image-text-to-text model (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or its "
                         "local directory") from None
     tokenizer = getattr(processor, "tokenizer", None)
