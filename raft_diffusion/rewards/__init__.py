@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..protocols import Reward
-from . import clip, http, jpeg, oracle, preference, text, vlm
+from . import clip, http, jpeg, ocr, oracle, preference, text, vlm
 
 REGISTRY: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
@@ -32,6 +32,7 @@ REGISTRY: dict[str, Callable[..., Reward]] = {
     "hpsv2": preference.hpsv2,
     "vlm_judge": vlm.vlm_judge,
     "http": http.http_reward,
+    "ocr": ocr.ocr,
 }
 # What each reward reads: images (N, 3, H, W) in [0, 1], or texts (list[str]). `http` reads what its
 # `reads` option says (default images): see `reads_of`.
