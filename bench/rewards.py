@@ -126,7 +126,8 @@ def tiny_image_reward(folder: Path, image_size: int) -> dict[str, str]:
            "max_position_embeddings": 64, "vocab_size": 5 + len(words) + 2, "layer_norm_eps": 1e-12}
     vit = VisionTransformer(img_size=image_size, patch_size=16, embed_dim=64, depth=2, num_heads=1, num_classes=0,
                             global_pool="")
-    bert = BlipTextModel(BlipTextConfig(**med, encoder_hidden_size=64, is_decoder=True), add_pooling_layer=False)
+    bert = BlipTextModel(BlipTextConfig(**med, encoder_hidden_size=64, is_decoder=True, bos_token_id=None,
+                                       sep_token_id=None), add_pooling_layer=False)
     state = {f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()}
     state |= {f"blip.text_encoder.{k}": v for k, v in bert.state_dict().items()}  # med.py's names are BLIP-text's
     for i, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((64, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):

@@ -14,7 +14,6 @@ exact resume stays exact.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,7 +85,6 @@ REGISTRY: dict[str, Callable[..., Filter]] = {
 }
 # What each filter reads: images (N, 3, H, W) in [0, 1], or texts (list[str]).
 READS = {"regex": "texts", "length": "texts", "blank_image": "images"}
-INJECTED = ("field",)
 
 
 def available() -> list[str]:
@@ -110,7 +108,7 @@ def check_reads(name: str, outputs: str, field: str) -> None:
 
 def build_filter(name: str, options: dict[str, Any], field: str) -> Filter:
     """The keep-function of a filter. `field` is the config path of the filter's entry."""
-    from .rewards import _check_option_type, _load_user_function
+    from .rewards import _load_user_function, call_factory
 
     check_name(name, f"{field}.name")
     if name.startswith("python:"):
@@ -118,16 +116,7 @@ def build_filter(name: str, options: dict[str, Any], field: str) -> Filter:
             raise UserError(f"{field}.options", f"a python: filter takes no options, got {sorted(options)}",
                             "remove options")
         return _load_user_function(name, f"{field}.name")
-    factory = REGISTRY[name]
-    params = inspect.signature(factory).parameters
-    allowed = [p for p in params if p not in INJECTED]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise UserError(f"{field}.options", f"unknown option(s) {unknown} for filter {name}",
-                        f"allowed: {', '.join(allowed) or 'none'}")
-    for key, value in options.items():
-        _check_option_type(name, key, value, params[key].default, f"{field}.options.{key}")
-    return factory(**options, field=f"{field}.options")
+    return call_factory(REGISTRY[name], f"filter {name}", options, {"field": f"{field}.options"}, f"{field}.options")
 
 
 class FilterSet:

@@ -231,3 +231,13 @@ def test_bad_image_reward_inputs_are_one_line_naming_the_option(checkpoint, tmp_
         build_reward("image_reward", options, CPU, field="rewards.0")
     assert e.value.field == f"rewards.0.options.{field}", e.value
     assert problem in e.value.problem, e.value
+
+
+def test_score_without_the_weights_offline_is_one_line_exit_2(tmp_path, capfd):
+    from .conftest import one_error_line, run_in_process
+
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "a.png")
+    result = run_in_process(capfd, "score", "--reward", "image_reward", str(tmp_path / "a.png"))
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "options.model: cannot fetch THUDM/ImageReward" in line and "local directory" in line

@@ -103,18 +103,21 @@ def build_reward(name: str, options: dict[str, Any], device: torch.device,
     check_name(name, field)
     if name.startswith("python:"):
         return _load_user_function(name, field)
-    factory = REGISTRY[name]
+    injected = {"device": torch.device(device), "dtype": dtype, "field": f"{field}.options"}
+    return call_factory(REGISTRY[name], name, options, injected, f"{field}.options")
+
+
+def call_factory(factory: Callable, name: str, options: dict[str, Any], injected: dict[str, Any], field: str):
+    """`factory(**options)` plus those of `injected` it declares, once its options are checked: an unknown
+    one, or a number or boolean of the wrong kind, is a UserError naming `field` (the options' path)."""
     params = inspect.signature(factory).parameters
     allowed = [p for p in params if p not in INJECTED]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise UserError(f"{field}.options", f"unknown option(s) {unknown} for {name}",
-                        f"allowed: {', '.join(allowed) or 'none'}")
+        raise UserError(field, f"unknown option(s) {unknown} for {name}", f"allowed: {', '.join(allowed) or 'none'}")
     for key, value in options.items():
-        _check_option_type(name, key, value, params[key].default, f"{field}.options.{key}")
-    injected = {"device": torch.device(device), "dtype": dtype, "field": f"{field}.options"}
-    kwargs = {**options, **{k: v for k, v in injected.items() if k in params}}
-    return factory(**kwargs)
+        _check_option_type(name, key, value, params[key].default, f"{field}.{key}")
+    return factory(**options, **{k: v for k, v in injected.items() if k in params})
 
 
 def _check_option_type(reward: str, key: str, value: Any, default: Any, field: str) -> None:

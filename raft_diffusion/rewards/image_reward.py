@@ -143,7 +143,8 @@ class ImageRewardModel(nn.Module):
                 num_attention_heads=med["num_attention_heads"],
                 max_position_embeddings=med.get("max_position_embeddings", 512),
                 hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=med.get("layer_norm_eps", 1e-12),
-                pad_token_id=med.get("pad_token_id", 0), is_decoder=True), add_pooling_layer=False)
+                pad_token_id=med.get("pad_token_id", 0), bos_token_id=None, sep_token_id=None,
+                is_decoder=True), add_pooling_layer=False)  # the ids name no tensor: unused by the encoder
         except KeyError as e:
             raise UserError(f"{field}.med_config", f"{MED_CONFIG} has no {e.args[0]!r}",
                             f"use {MODEL}'s {MED_CONFIG} (BERT-base sizes)") from None
