@@ -357,7 +357,8 @@ def test_cli_subprocess_reports_user_error_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("config", ["sd15-jpeg.yaml", "sd15-clip-aesthetic.yaml", "sdxl-clip-aesthetic.yaml",
                                     "sd35-clip-aesthetic.yaml", "flux-dev-clip-aesthetic.yaml",
-                                    "flux-schnell-clip-aesthetic.yaml", "sd15-vlm-pickscore.yaml"])
+                                    "flux-schnell-clip-aesthetic.yaml", "sd15-vlm-pickscore.yaml",
+                                    "sd35-ocr.yaml"])
 def test_shipped_gpu_config_validates_and_fails_offline_with_exit_2(tmp_path, capfd, monkeypatch, config):
     from .conftest import REPO
 
