@@ -608,12 +608,28 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{what}; continue with --resume" if e.command == "train" else what, code, debug)
     except _Terminated:
         return _fail("terminated (SIGTERM)", 143, debug)
+    except RuntimeError as e:
+        # A collective (gather, barrier) found another process gone before torchrun's SIGTERM reached this one
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _peer_lost(e):
+            resume = "; continue with --resume" if args[:1] == ["train"] else ""
+            return _fail("terminated: another process of this run stopped (its connection closed), see the "
+                         f"launcher's report{resume}", 143, debug)
+        raise
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside any command (older click: Abort)
         return _fail("interrupted", 130, debug)
     except typer.Exit as e:
         return e.exit_code
     except _WriteFailed as e:
         return _fail(_write_failed_line(e), 1, debug)
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+             "NCCL communicator was aborted", "Socket Timeout")
+
+
+def _peer_lost(error: RuntimeError) -> bool:
+    """Whether a torch.distributed error says another process went away (gloo's and NCCL's words for it)."""
+    return any(words in str(error) for words in PEER_LOST)
 
 
 def _write_failed_line(e: _WriteFailed) -> str:

@@ -271,3 +271,29 @@ def test_when_one_process_dies_the_survivor_says_how_to_resume(launched, tmp_pat
     assert len(ours) == 1 and "another process of this run stopped" in ours[0] and "--resume" in ours[0], err
     resumed = _launch(TORCHRUN, config, run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_a_collective_that_finds_its_peer_gone_ends_in_the_same_one_line(tmp_path, capfd, monkeypatch):
+    """The race of the test above: rank 0's gather sees rank 1's socket close before torchrun's SIGTERM
+    arrives (gloo: 'Connection reset by peer'). It ends in our one line too, not a 40-line traceback."""
+    import raft_diffusion.train as train_module
+
+    from raft_diffusion.cli import main
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:49805: "
+                           "Connection reset by peer")
+
+    monkeypatch.setattr(train_module, "run_training", lost)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = tmp_path / "c.yaml"
+    config.write_text("backend: diffusion\nmodel: {path: builtin:tiny-sd}\nprompts: {train: [a cat]}\n"
+                      "rewards: [{name: jpeg_compressibility}]\n")
+    capfd.readouterr()
+    assert main(["train", str(config)]) == 143
+    err = capfd.readouterr().err
+    assert err.startswith("terminated: another process of this run stopped") and "--resume" in err
+    assert len(err.splitlines()) == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: a RuntimeError is no lost peer, and not hidden
+    with pytest.raises(RuntimeError, match="Connection reset"):
+        main(["train", str(config)])
