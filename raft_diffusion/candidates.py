@@ -43,15 +43,37 @@ class Candidates:
     def __init__(self, config: RunConfig, backend: Backend, processes: Processes, experts: Experts | None):
         self.K, self.seed = config.generation.samples_per_prompt, config.raft.seed
         self.backend, self.processes, self.experts = backend, processes, experts
+        self.rollout_steps = getattr(config.generation, "rollout_steps", None)
 
     def sample(self, prompts: list[str], it: int, seconds: dict[str, float]) -> Batch:
         """Iteration `it`'s candidates of `prompts`, this process's share made (the experts' time spent
-        making their outputs trainable goes to `seconds["encode"]`)."""
+        making their outputs trainable goes to `seconds["encode"]`); the policy's at
+        `generation.rollout_steps` when that is set."""
         slots = candidate_slots(prompts, self.K, self.seed, it, self.experts)
         batch = Batch(list(prompts), slots, Samples([], [], []), self.processes.mine(len(slots)))
         batch.samples = generate(self.backend, self.processes, *batch.everyone, batch.mine, trained=it > 0,
-                                 slots=slots, experts=self.experts, prompt_list=prompts, seconds=seconds)
+                                 slots=slots, experts=self.experts, prompt_list=prompts, seconds=seconds,
+                                 steps=self.rollout_steps)
         return batch
+
+    def rerender(self, batch: Batch, indices: Sequence[int], it: int) -> tuple[Samples, int]:
+        """(this process's share of the candidates with the policy's among `indices` re-rendered at
+        `generation.steps` from their own seeds, how many were re-rendered in all): what a run with
+        `rollout_steps` trains on. Experts' candidates are theirs already and stay as they are."""
+        targets = [i for i in sorted(set(indices)) if batch.slots[i].source == POLICY]
+        own = [i for i in targets if i in batch.mine]
+        prompts, seeds = batch.everyone
+
+        def make() -> Samples:
+            if not own:
+                return batch.samples
+            fresh = check_finite(self.backend.generate([prompts[i] for i in own], [seeds[i] for i in own],
+                                                       "re-render"), it > 0)
+            where = {i: len(batch.samples) + k for k, i in enumerate(own)}
+            order = [where.get(i, i - batch.mine.start) for i in batch.mine]
+            return concat([batch.samples, fresh]).select(order)
+
+        return self.processes.together(make), len(targets)
 
     def source_counts(self, batch: Batch, chosen: Sequence[int]) -> dict[str, dict[str, int]]:
         return source_counts(batch.slots, chosen, self.experts)
@@ -68,12 +90,14 @@ def candidate_slots(prompts: Sequence[str], K: int, seed: int, it: int, experts:
 def generate(backend: Backend, processes: Processes, prompts: list[str], seeds: list[int], mine: range,
              trained: bool, desc: str = "generate", slots: Sequence[Slot] | None = None,
              experts: Experts | None = None, prompt_list: Sequence[str] = (),
-             seconds: dict[str, float] | None = None) -> Samples:
+             seconds: dict[str, float] | None = None, steps: int | None = None) -> Samples:
     """This process's share (`mine`) of the samples of `prompts` and `seeds`, checked finite: the
-    policy's own, then (with `experts`) the experts' candidates among `slots`."""
+    policy's own (at `steps` when given: the cheap rollouts), then (with `experts`) the experts'
+    candidates among `slots`."""
     def make() -> Samples:
         own = [i for i in mine if slots is None or slots[i].source == POLICY]
-        samples = backend.generate([prompts[i] for i in own], [seeds[i] for i in own], desc) if own else None
+        more = {} if steps is None else {"steps": steps}
+        samples = backend.generate([prompts[i] for i in own], [seeds[i] for i in own], desc, **more) if own else None
         others = [slots[i] for i in mine if slots is not None and slots[i].source != POLICY]
         if others:
             extra = experts.make(backend, others, prompt_list, desc, seconds if seconds is not None else {})

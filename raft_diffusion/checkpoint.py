@@ -32,7 +32,7 @@ from .errors import UserError
 
 # The files of a checkpoint directory (save_checkpoint); nothing else there is ever removed.
 CHECKPOINT_FILES = frozenset({"adapter.safetensors", "training_state.pt", "rng.safetensors", "state.json",
-                              "ema.safetensors"})
+                              "ema.safetensors", "replay.safetensors"})
 
 
 def fsync_tree(path: Path) -> None:
@@ -158,7 +158,8 @@ def set_rng_state(jsonable: dict[str, Any], tensors: dict[str, torch.Tensor], ge
 
 
 def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
-                    rng: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], keep_last: int, ema=None) -> Path:
+                    rng: list[tuple[dict[str, Any], dict[str, torch.Tensor]]], keep_last: int, ema=None,
+                    replay=None) -> Path:
     """Write `root/iter_NNNN` for a completed `iteration`, point `root/latest` at it, prune.
 
     `rng` holds every process's `rng_state`, in rank order: process 0's under the plain names
@@ -172,6 +173,9 @@ def save_checkpoint(root: Path, iteration: int, backend, state: dict[str, Any],
         tensors = {f"rank{r}/{k}" if r else k: v.contiguous() for r, (_, t) in enumerate(rng) for k, v in t.items()}
         save_file(tensors, str(tmp / "rng.safetensors"))
         record = {**state, "iteration": iteration, "rng": rng[0][0], "processes": len(rng)}
+        if replay is not None:  # training.replay: the kept samples' tensors, and their lists in state.json
+            record["replay"], tensors = replay.state()
+            save_file(tensors, str(tmp / "replay.safetensors"))
         if len(rng) > 1:
             record["rng_ranks"] = {str(r): j for r, (j, _) in enumerate(rng) if r}
         (tmp / "state.json").write_text(json.dumps(record))
@@ -339,8 +343,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         "training_state.pt": lambda f: torch.load(f, weights_only=True, map_location="cpu"),
         "rng.safetensors": lambda f: load_file(str(f)),
     }
-    if (path / "ema.safetensors").is_file():
-        readers["ema.safetensors"] = lambda f: load_file(str(f))
+    for optional in ("ema.safetensors", "replay.safetensors"):
+        if (path / optional).is_file():
+            readers[optional] = lambda f: load_file(str(f))
     for name, read in readers.items():
         file = path / name
         if not file.is_file():
@@ -351,7 +356,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             raise CorruptCheckpoint(file, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     state = parts["state.json"]
     _check_state(path, state)
-    for name in ("adapter.safetensors", "ema.safetensors"):
+    for name in ("adapter.safetensors", "ema.safetensors", "replay.safetensors"):
         if name in parts and _non_finite(parts[name]):
             raise CorruptCheckpoint(path / name, "holds non-finite weights")
     training = parts["training_state.pt"]
@@ -402,13 +407,20 @@ def _check_fits(path: Path, parts: dict[str, Any], backend, ema) -> None:
 
 
 def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict[str, Any] | None = None,
-                    ema=None, rank: int = 0) -> dict[str, Any]:
+                    ema=None, rank: int = 0, replay=None) -> dict[str, Any]:
     """Restore adapter, optimizer, EMA and (process `rank`'s) RNG states; returns the saved loop
     state. Every file is checked (`read_checkpoint`, `_check_fits`) before anything is applied.
     A rank the checkpoint holds no RNG for (it was saved by fewer processes) keeps the streams it
     was started with."""
     parts = parts if parts is not None else read_checkpoint(path)
     _check_fits(path, parts, backend, ema)
+    if replay is not None:  # checked whole before anything is applied
+        if "replay.safetensors" not in parts or "replay" not in parts["state.json"]:
+            raise CorruptCheckpoint(path / "replay.safetensors", "missing (training.replay is set)")
+        try:
+            replay.load(parts["state.json"]["replay"], parts["replay.safetensors"])
+        except ValueError as e:
+            raise CorruptCheckpoint(path / "replay.safetensors", f"does not fit state.json ({e})") from None
     if ema is not None:
         ema.load_state(parts["ema.safetensors"])
     try:
@@ -417,6 +429,7 @@ def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict
     except Exception as e:  # noqa: BLE001 - e.g. shapes of another model
         raise CorruptCheckpoint(path / "adapter.safetensors", f"does not fit this model ({type(e).__name__})") from e
     state = dict(parts["state.json"])
+    state.pop("replay", None)
     jsonable, ranks = state.pop("rng"), state.pop("rng_ranks", {})
     tensors = parts["rng.safetensors"]
     if rank:
@@ -432,7 +445,7 @@ def load_checkpoint(path: Path, backend, generator: torch.Generator, parts: dict
 
 
 def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str], None], ema=None,
-           rank: int = 0, processes: int = 1) -> tuple[Path | None, dict[str, Any] | None]:
+           rank: int = 0, processes: int = 1, replay=None) -> tuple[Path | None, dict[str, Any] | None]:
     """Load the newest intact checkpoint under `root`; (None, None) when there is none at all.
 
     A missing `latest` pointer or a corrupt checkpoint falls back to the next newest one, with a
@@ -444,7 +457,7 @@ def resume(root: Path, backend, generator: torch.Generator, warn: Callable[[str]
     first_problem = None
     for path in found:
         try:
-            state = load_checkpoint(path, backend, generator, read_checkpoint(path), ema, rank)
+            state = load_checkpoint(path, backend, generator, read_checkpoint(path), ema, rank, replay)
         except CorruptCheckpoint as e:  # the next candidate overwrites whatever this one applied
             first_problem = first_problem or e
             continue

@@ -191,6 +191,9 @@ class DiffusionGenerationConfig(GenerationBase):
 
     resolution: int = Field(256, gt=0, le=4096, description="image side in pixels, at most 4096")
     steps: int = Field(20, gt=0, description="denoising steps")
+    rollout_steps: Optional[int] = Field(
+        None, gt=0, description="rank candidates made with these fewer steps, then re-render the trained ones "
+        "(same seeds) at `steps` before fine-tuning on them (Sol-RL's cheap pools); off by default")
     guidance_scale: float = Field(7.5, ge=0, description="classifier-free guidance; <= 1 disables it")
     scheduler: Literal["ddim", "dpm_solver"] = Field("ddim", description="sampler")
     eta: float = Field(0.0, ge=0, le=1, description="DDIM eta; 0 is deterministic given the seed")
@@ -269,6 +272,13 @@ class SelectionConfig(_Strict):
     fraction: float = Field(
         0.125, gt=0, le=1, description="global: fraction of all samples kept, in (0, 1]"
     )
+    min_spread: Optional[float] = Field(
+        None, ge=0, description="drop a prompt's group whose rewards spread (max - min) less than this: no "
+        "signal to rank (RAFT++ / Reinforce-Rej); off by default"
+    )
+    min_reward: Optional[float] = Field(
+        None, description="drop a prompt's group none of whose candidates reaches this reward; off by default"
+    )
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -325,6 +335,14 @@ class TrainingConfig(_Strict):
         0.5, ge=0, le=1, description="stop the run when the rewards fail on (drop) more than this share of an "
         "iteration's samples; a reward that fails on every sample always stops it"
     )
+    replay: int = Field(
+        0, ge=0, description="train each iteration also on what the last N iterations trained on (their "
+        "latents or token ids, kept and checkpointed); 0 disables it"
+    )
+    replay_decay: float = Field(
+        1.0, gt=0, le=1, description="weight of a replayed sample per iteration of its age (decay ** age; "
+        "1: as much as a new one)"
+    )
 
 
 class DiffusionTrainingConfig(TrainingConfig):
@@ -348,6 +366,9 @@ MOVED_TRAINING_FIELDS = {
 }
 # Fields added since runs saved their config.yaml: (section, field) -> the default an older run ran with.
 ADDED_FIELDS = {
+    ("selection", "min_spread"): None, ("selection", "min_reward"): None,  # groups without signal: kept
+    ("training", "replay"): 0, ("training", "replay_decay"): 1.0,  # no replay of past winners
+    ("generation", "rollout_steps"): None,  # diffusion: candidates at generation.steps
     ("model", "vae"): None,  # diffusion: the pipeline's own VAE
     # diffusion: the memory knobs at today's defaults (they change no result, and a resumed run may switch them)
     ("model", "cache_prompt_embeddings"): True, ("model", "offload_text_encoders"): False,
@@ -486,6 +507,15 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _rollouts_are_cheaper(self) -> "RunConfig":
+        rollout = getattr(self.generation, "rollout_steps", None)
+        if rollout is not None and rollout >= self.generation.steps:
+            raise UserError("config generation.rollout_steps", f"{rollout} is not fewer than generation.steps "
+                            f"({self.generation.steps})", "use fewer steps for the rollouts (e.g. a quarter), or "
+                            "remove rollout_steps")
+        return self
+
+    @model_validator(mode="after")
     def _text_lora_targets(self) -> "RunConfig":
         # The LoRA default names the UNet's attention; a text run that names no targets gets the
         # LLaMA attention projections instead (written out in the resolved config.yaml).
@@ -617,7 +647,8 @@ def migrate_saved_config(data: Any) -> Any:
                 target[name] = training.pop(old)
     for (section, name), default in ADDED_FIELDS.items():
         fields = data.get(section)
-        if isinstance(fields, dict) and name in cls.SECTIONS[section].model_fields:
+        model = cls.SECTIONS.get(section) or cls.model_fields[section].annotation  # shared sections: selection
+        if isinstance(fields, dict) and name in model.model_fields:
             fields.setdefault(name, default)
     for name, default in ADDED_TOP_FIELDS.items():
         data.setdefault(name, copy.deepcopy(default))

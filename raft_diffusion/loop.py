@@ -5,9 +5,11 @@
                      the candidates of other experts beside them (experts.py), if any
         2. Score     reward = sum of weight * reward_i(sample, prompt); failures are dropped, and so
                      are the candidates a discard filter rejects first (filters.py)
-        3. Select    the best of each prompt (per_prompt) or the best fraction (global)
+        3. Select    the best of each prompt (per_prompt) or the best fraction (global), leaving out
+                     the prompts whose candidates carry no signal (selection.min_spread, min_reward)
         4. Fine-tune the adapter on the selected (prompt, sample) pairs (`training.objective: raft`;
-           other objectives weight every sample: objectives.py)
+           other objectives weight every sample: objectives.py); with generation.rollout_steps, the
+           candidates were cheap and those trained on are first re-rendered at generation.steps
         5. Evaluate  fixed prompts and seeds: training reward and held-out judges
         6. Checkpoint atomically
 
@@ -32,14 +34,14 @@ from .distributed import Processes
 from .errors import RunFailed
 from .experts import Experts
 from .filters import FilterSet
-from .objectives import targets
+from .objectives import extremes, targets
 from .observers import Iteration, run_observers
 from .protocols import Backend
 from .records import eval_parts, iteration_record, sample_rows, summary
 from .rewards.compose import RewardSet, Scored, nanmean
 from .run_dir import RunDirectory
 from .seeds import eval_seed
-from .selection import select
+from .selection import select, without_signal
 from .state import LoopState, draw_prompts
 
 __all__ = ["raft", "evaluate", "draw_prompts", "summary", "eval_parts", "iteration_record"]
@@ -74,14 +76,27 @@ def raft(config: RunConfig, backend: Backend, reward: RewardSet, judges: RewardS
         with timed(seconds, "score"), stopped_at(it):  # 2. Score; only the scores are gathered
             scored = processes.score(reward, batch.samples, batch.groups, filters)
         check_drops(scored, config, it)
-        chosen = select(scored.total, batch.groups, sel.strategy, sel.top, sel.fraction)  # 3. Select
+        ranked, quiet = without_signal(scored.total, batch.groups, sel.min_spread, sel.min_reward)
+        chosen = select(ranked, batch.groups, sel.strategy, sel.top, sel.fraction)  # 3. Select
+        if quiet and not chosen and processes.main:
+            log(f"warning: iteration {it + 1}: every prompt's candidates were without signal (selection.min_spread, "
+                "min_reward): nothing to train on")
+        trained_on, train_samples = targets(ranked, batch.groups, chosen, config.training), batch.samples
+        if candidates.rollout_steps is not None:  # the cheap candidates ranked; the trained ones re-rendered
+            trained_on = extremes(trained_on, ranked, batch.groups, sel.top)
+            with timed(seconds, "rerender"), stopped_at(it), state.sampler():
+                train_samples, rerendered = candidates.rerender(batch, trained_on.indices, it)
         with timed(seconds, "train"), stopped_at(it):  # 4. Fine-tune (on what the objective makes of it)
-            loss = state.fine_tune(batch.samples, targets(scored.total, batch.groups, chosen, config.training),
-                                   len(batch.slots))
+            loss = state.fine_tune(train_samples, trained_on, len(batch.slots), it)
         with timed(seconds, "eval"), stopped_at(it), state.sampler():  # 5. Evaluate
             result = evaluation(f"iter_{it:04d}") if evaluation_due(config, it) else {}
         record = iteration_record(it, scored, chosen, loss, result, seconds)  # 6. Record, checkpoint
         record["sources"] = candidates.source_counts(batch, chosen)
+        if candidates.rollout_steps is not None:
+            record["rerendered"] = rerendered
+        if sel.min_spread is not None or sel.min_reward is not None:
+            record["groups_without_signal"] = {"dropped": len(quiet), "of": len(prompts),
+                                               "share": round(len(quiet) / len(prompts), 6)}
         if it == 0 and eval_before is not None:
             record["eval_before"] = eval_before
         observers.iteration(Iteration(it, record, batch, scored, chosen, evaluated=bool(result)))

@@ -90,6 +90,24 @@ OBJECTIVES: dict[str, Callable[..., Targets]] = {"raft": raft, "reward_weighted"
                                                  "negative_aware": negative_aware}
 
 
+def extremes(chosen: Targets, scores: np.ndarray, groups: Sequence[int], k: int) -> Targets:
+    """`chosen` restricted to the best and the worst `k` of each group (their weights and optimality
+    kept): what a run with `generation.rollout_steps` re-renders and trains on when its objective
+    weighs every sample (Sol-RL trains on a pool's extremes)."""
+    if chosen.weights is None and chosen.optimality is None:
+        return chosen  # raft: the selected, already
+    scores, groups = np.asarray(scores, dtype=np.float64), np.asarray(groups)
+    picked = set()
+    for g in dict.fromkeys(groups[chosen.indices].tolist()):
+        members = [i for i in chosen.indices if groups[i] == g]
+        order = sorted(members, key=lambda i: (-scores[i], i))
+        picked.update(order[:k] + order[-k:])
+    keep = [n for n, i in enumerate(chosen.indices) if i in picked]
+    return Targets(indices=[chosen.indices[n] for n in keep],
+                   weights=None if chosen.weights is None else chosen.weights[keep],
+                   optimality=None if chosen.optimality is None else chosen.optimality[keep])
+
+
 def targets(scores: np.ndarray, groups: Sequence[int], selected: Sequence[int], cfg: TrainingConfig) -> Targets:
     """What `cfg.objective` trains on this iteration."""
     return OBJECTIVES[cfg.objective](scores, groups, selected, cfg)

@@ -86,7 +86,7 @@ class Checkpoints(Observer):
         rng = self.processes.gather(rng_state(self.state.generator))  # every process's random streams
         if self.processes.main:
             save_checkpoint(self.run.checkpoints, done.it, self.backend, self.state.saved, rng,
-                            self.config.checkpoint.keep_last, self.state.ema)
+                            self.config.checkpoint.keep_last, self.state.ema, self.state.replay)
         self.processes.wait()
 
 

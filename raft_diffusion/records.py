@@ -60,6 +60,8 @@ def summary(record: dict[str, Any], iterations: int) -> str:
     return (f"iter {record['iteration'] + 1}/{iterations}  reward {f(record['reward_mean'])}{raw_rewards(record)}"
             f"  selected {f(record['reward_selected_mean'])}  dropped {record['n_dropped']}"
             + (f" (filtered {record['n_filtered']})" if record.get("n_filtered") else "")
+            + (f"  no signal {record['groups_without_signal']['dropped']}/{record['groups_without_signal']['of']}"
+               if record.get("groups_without_signal") else "")
             + f"  loss {f(record['train_loss'])}" + (f"  eval[{ev}]" if ev else "")
             + f"  ({', '.join(f'{k} {v:.1f}s' for k, v in record['seconds'].items())})")
 

@@ -4,6 +4,11 @@
 acceptance); `global` keeps the best `fraction` of all samples. Dropped samples (score NaN)
 are never selected; a prompt whose samples were all dropped contributes nothing. Ties break
 towards the lower sample index, so a selection is a pure function of the scores.
+
+Groups without signal (`selection.min_spread`, `selection.min_reward`; RAFT++ / Reinforce-Rej, arXiv
+2504.11343): a prompt whose candidates' rewards spread less than `min_spread` (max - min: ranking them
+is ranking noise), or none of which reaches `min_reward`, is left out of the selection and of every
+objective's targets (`without_signal`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,27 @@ def select_global(scores: Sequence[float], fraction: float) -> list[int]:
         return []
     n = max(1, int(round(fraction * len(valid))))
     return sorted(_rank(valid, s)[:n])
+
+
+def without_signal(scores: Sequence[float], groups: Sequence[int], min_spread: float | None,
+                   min_reward: float | None) -> tuple[np.ndarray, list[int]]:
+    """(scores with the samples of groups without signal set to NaN, those groups in first-seen order).
+    A group whose samples were all dropped is not counted: it had nothing to rank anyway."""
+    s = np.array(scores, dtype=np.float64)
+    if min_spread is None and min_reward is None:
+        return s, []
+    g = np.asarray(groups)
+    quiet = []
+    for group in dict.fromkeys(g.tolist()):
+        members = np.flatnonzero(g == group)
+        valid = s[members][np.isfinite(s[members])]
+        if valid.size == 0:
+            continue
+        if (min_spread is not None and valid.max() - valid.min() < min_spread) or \
+                (min_reward is not None and valid.max() < min_reward):
+            quiet.append(group)
+            s[members] = np.nan
+    return s, quiet
 
 
 def select(scores: Sequence[float], groups: Sequence[int], strategy: str, top: int = 1,

@@ -14,7 +14,9 @@ from .distributed import Processes, seed_process, training_generator
 from .ema import LoraEMA
 from .experts import Experts
 from .objectives import Targets
+from .errors import UserError
 from .protocols import Backend
+from .replay import Replay
 from .run_dir import RunDirectory
 from .seeds import epoch_order
 
@@ -31,10 +33,15 @@ class LoopState:
         self.start = 0  # the next iteration
         decay = config.training.ema_decay
         self.ema = LoraEMA(backend.lora_params, decay) if decay else None  # also negative_aware's old policy
+        replay = config.training.replay
+        if replay and processes.count > 1:
+            raise UserError("config training.replay", f"a replay of past winners is kept by one process, and this run "
+                            f"has {processes.count}", "set training.replay: 0, or run on one process")
+        self.replay = Replay(replay, config.training.replay_decay) if replay else None
         if resume:
             checkpoint, loaded = load_latest(run.checkpoints, backend, self.generator,
                                              warn=log if processes.main else _silent, ema=self.ema,
-                                             rank=processes.rank, processes=processes.count)
+                                             rank=processes.rank, processes=processes.count, replay=self.replay)
             if loaded is not None:
                 self.saved, self.start = loaded, loaded.pop("iteration") + 1
                 if processes.main:
@@ -54,10 +61,15 @@ class LoopState:
                                                           self.config.raft.prompts_per_iteration, self.config.raft.seed)
         return drawn
 
-    def fine_tune(self, samples, chosen: Targets, n: int) -> float:
+    def fine_tune(self, samples, chosen: Targets, n: int, it: int = 0) -> float:
         """Train the LoRA on what the objective made of the iteration's `n` candidates (this process's
-        share of `samples`), then move the EMA; the loss, averaged over the processes."""
+        share of `samples`), with the replay of past winners if any, then move the EMA; the loss,
+        averaged over the processes."""
         train_on = self.processes.training_share(samples, chosen, n)
+        if self.replay is not None:
+            mixed = self.replay.mix(train_on, it)
+            self.replay.push(train_on, it)
+            train_on = mixed
         loss = self.processes.mean(self.backend.train(train_on, self.generator, old_policy=self.ema))
         if self.ema is not None:
             self.ema.update()

@@ -96,3 +96,8 @@ def hangs_on_stars(images, prompts):
     if any("star" in p for p in prompts):
         time.sleep(float(os.environ.get("RAFT_TEST_HANG", "30")))
     return [-s for s in jpeg_kb(images)]
+
+
+def flat_for_squares(images, prompts):
+    """The mean pixel value, but 0.5 for every candidate of a prompt naming a square (a group without signal)."""
+    return [0.5 if "square" in p else float(v) for p, v in zip(prompts, images.mean(dim=(1, 2, 3)).tolist())]

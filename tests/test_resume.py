@@ -40,6 +40,7 @@ OBJECTIVES = {
                                    "epochs": 1},  # every sample: one pass is enough
     "negative_aware-ema": {"objective": "negative_aware", "ema_decay": 0.5},
     "raft-fp16": {"mixed_precision": "fp16"},  # the loss scaler's state comes back too
+    "raft-replay": {"replay": 2, "replay_decay": 0.5},  # the replayed latents and encodings come back too
 }
 # The same on a flow-matching model (SD 3's architecture, LoRA on the transformer): its logit-normal
 # sigmas come from the same training generator.

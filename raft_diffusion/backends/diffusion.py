@@ -100,9 +100,14 @@ class DiffusionBackend(LoraTraining):
 
     # -- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate") -> Samples:
-        cond, uncond = self.encode(prompts, self.config.generation)
-        latents, images = generate_latents(self.pipe, cond, uncond, seeds, self.config.generation, desc,
+    def generate(self, prompts: list[str], seeds: list[int], desc: str = "generate", steps: int | None = None
+                 ) -> Samples:
+        """One image per (prompt, seed), at `generation.steps` or `steps` (the cheap rollouts)."""
+        gen = self.config.generation
+        cond, uncond = self.encode(prompts, gen)
+        if steps is not None:
+            gen = gen.model_copy(update={"steps": steps})
+        latents, images = generate_latents(self.pipe, cond, uncond, seeds, gen, desc,
                                            show=self.accelerator.is_local_main_process)
         return Samples(prompts=list(prompts), seeds=list(seeds), outputs=images,
                        payload={"latents": latents, **{k: v.float().cpu() for k, v in cond.items()}})
