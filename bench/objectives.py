@@ -5,9 +5,10 @@ Every run is a run directory under --root (default ~/.cache/raft-diffusion/bench
 an interrupted bench continues where it stopped (finished runs are read, unfinished ones resumed).
 Choose settings on `--split dev` (dev wordings, other eval seeds); report on `--split eval`.
 
-A variant is `OBJECTIVE[:field=value,...]` over `training.*` fields and the objective's own block
-(`training.OBJECTIVE.*`), e.g. `reward_weighted:beta=0.25`
-or `raft:ema_decay=0.9,learning_rate=3e-4`; the anchor is the separate `--anchors` axis.
+A variant is `OBJECTIVE[:field=value,...]` over `training.*` fields, the objective's own block
+(`training.OBJECTIVE.*`), and `selection.*` and `generation.*` fields, e.g. `reward_weighted:beta=0.25`,
+`raft:ema_decay=0.9,learning_rate=3e-4` or `raft:replay=2,min_spread=2,rollout_steps=5`; the anchor is
+the separate `--anchors` axis.
 
     python bench/objectives.py --task monet-cat --split dev --seeds 0 [--iterations 16 --every 4]
     python bench/objectives.py --task resolution --split eval --seeds 0 1 2 --iterations 20 --jobs 12
@@ -71,6 +72,14 @@ def run_config(task: str, variant: str, anchor: float, seed: int, split: str, it
     cfg = load_config(REPO / "configs" / TASKS[task], list(overrides))
     cfg.raft.iterations, cfg.raft.seed, cfg.eval.every = iterations, seed, every
     name, fields = parse_variant(variant)
+    # selection.* and generation.* fields of a variant (min_spread, rollout_steps, guidance_scale, ...)
+    for section in ("selection", "generation"):
+        block = getattr(cfg, section)
+        own = {k: fields.pop(k) for k in list(fields) if k in type(block).model_fields and k != "objective"}
+        if own:
+            typed = {k: int(v) if "int" in str(type(block).model_fields[k].annotation) and float(v).is_integer() else v
+                     for k, v in own.items()}
+            setattr(cfg, section, type(block).model_validate({**block.model_dump(), **typed}))
     training = type(cfg.training)
     objective = fields["objective"]
     block = getattr(cfg.training, objective, None)  # the objective's own knobs (training.reward_weighted.beta)
