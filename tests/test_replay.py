@@ -96,3 +96,15 @@ def test_replay_with_a_bad_decay_is_one_line(tmp_path, capfd):
                                                                      "training": {"replay": 2, "replay_decay": 0}}))
     result = run_in_process(capfd, "train", str(config))
     assert result.returncode == 2 and "training.replay_decay" in result.stderr
+
+
+def test_a_checkpoint_without_its_replay_is_not_used_and_the_older_one_is(tmp_path, capfd):
+    run = _run(tmp_path, capfd, "replay", {"replay": 2})
+    (run / "checkpoints/iter_0002/replay.safetensors").unlink()
+    config = write_yaml(tmp_path / "more.yaml", deep_update(TINY_CONFIG, {
+        "output_dir": str(run), "training": {"replay": 2}, "raft": {"iterations": 4, "prompts_per_iteration": 2}}))
+    result = run_in_process(capfd, "train", str(config), "--resume")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert "replay.safetensors" in out and "missing (training.replay is set)" in out and "older iter_0001" in out
+    assert len(metrics_without_seconds(run)) == 4
