@@ -3,6 +3,9 @@ spread (min to max) shaded; the anchor off as solid lines, on as dashed. Finishe
 
     python bench/plot_objectives.py                      # bench/measured/ -> bench/results/objectives.png
     python bench/plot_objectives.py --inputs bench/results/objectives-monet-cat-eval.json --out x.png
+    python bench/plot_objectives.py --inputs A.json B.json --anchors 0 --out y.png   # one task: one row
+
+Inputs of the same task share a row; `--anchors` and `--variants` keep only those runs.
 
 Needs matplotlib (`make bench-deps`).
 """
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         REPO / "bench/measured/objectives-monet-cat-eval.json", REPO / "bench/measured/objectives-resolution-eval.json"])
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/objectives.png")
     parser.add_argument("--title", default="held-out eval prompts and seeds; mean and min-max over seeds")
+    parser.add_argument("--anchors", type=float, nargs="+", help="keep only runs at these anchor weights")
+    parser.add_argument("--variants", nargs="+", help="keep only these variants (as the bench names them)")
     args = parser.parse_args(argv)
     try:
         import matplotlib
@@ -49,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("plot_objectives: matplotlib is missing; run `make bench-deps`")
-    data = [json.loads(p.read_text()) for p in args.inputs]
+    data: list[dict] = []
+    for p in args.inputs:  # inputs of one task are one row
+        result = json.loads(p.read_text())
+        runs = [r for r in result["runs"] if (args.anchors is None or r["anchor"] in args.anchors)
+                and (args.variants is None or r["variant"] in args.variants)]
+        same = [d for d in data if d["task"] == result["task"]]
+        if same:
+            same[0]["runs"] += runs
+        else:
+            data.append({"task": result["task"], "runs": runs})
     fig, axes = plt.subplots(len(data), 3, figsize=(15, 4.2 * len(data)), squeeze=False)
     colours = {}
     for row, result in zip(axes, data):
