@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -55,7 +56,11 @@ def installed_wheel(tmp_path_factory):
     """The project built as a wheel and installed into a folder of its own (dependencies from this venv),
     and what the build printed."""
     root = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+    # built from a copy: pip builds in the tree's build/, and two xdist workers building the same tree race there
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs",
+                                                                 "results", ".pytest_cache", "__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                             "-v", "-w", str(root / "dist")], check=True, capture_output=True, text=True, timeout=600)
     wheel = next((root / "dist").glob("raft_diffusion-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(root / "site"),
