@@ -5,7 +5,8 @@ spread (min to max) shaded; the anchor off as solid lines, on as dashed. Finishe
     python bench/plot_objectives.py --inputs bench/results/objectives-monet-cat-eval.json --out x.png
     python bench/plot_objectives.py --inputs A.json B.json --anchors 0 --out y.png   # one task: one row
 
-Inputs of the same task share a row; `--anchors` and `--variants` keep only those runs.
+Inputs of the same task share a row (a variant two inputs both hold is drawn twice, the later one named by
+its file); `--anchors` and `--variants` keep only those runs.
 
 Needs matplotlib (`make bench-deps`).
 """
@@ -61,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 and (args.variants is None or r["variant"] in args.variants)]
         same = [d for d in data if d["task"] == result["task"]]
         if same:
-            same[0]["runs"] += runs
+            taken = {r["variant"] for r in same[0]["runs"]}  # a variant another input has too: named by its file
+            same[0]["runs"] += [dict(r, variant=f"{r['variant']} ({p.stem})") if r["variant"] in taken else r
+                                for r in runs]
         else:
             data.append({"task": result["task"], "runs": runs})
     fig, axes = plt.subplots(len(data), 3, figsize=(15, 4.2 * len(data)), squeeze=False)
