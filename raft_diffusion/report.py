@@ -298,7 +298,8 @@ def check_row(row: Any, directory: Path, where: str) -> Row:
     elif not isinstance(row.get("text"), str):
         raise UserError(where, "has neither a file nor a text" if "text" not in row else "text is not a text",
                         RECORD_FIX)
-    if "seed" in row and (isinstance(row["seed"], bool) or not isinstance(row["seed"], int)):
+    # null: a sample no seed made (an expert's folder of pictures or texts)
+    if row.get("seed") is not None and (isinstance(row["seed"], bool) or not isinstance(row["seed"], int)):
         raise UserError(f"{where} seed", f"{_short(row['seed'])} is not an integer", RECORD_FIX)
     if "reward" in row:
         out["reward"] = number(row["reward"], f"{where} reward")

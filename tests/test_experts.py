@@ -144,6 +144,8 @@ def test_the_monet_cat_experts_demo_ranks_rendered_cats_with_the_toy_sd_s_own(tm
     result = run_in_process(capfd, "demo", "monet-cat-experts", "--output-dir", str(out),
                             *[a for s in small for a in ("--set", s)])
     assert result.returncode == 0, result.stderr[-2000:]
+    # the report reads the rendered rows, which no seed made (seed null in samples.jsonl)
+    assert "not written" not in result.stdout + result.stderr and (out / "report.html").is_file()
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["sources"]["policy"]["candidates"] == 4 and record["sources"]["rendered"]["candidates"] == 4
     rows = rows_of(out)
