@@ -27,7 +27,7 @@ except ImportError:  # older typer runs on click itself (then a dependency of ty
 DEMOS = {"tiny": "demo-tiny.yaml", "monet-cat": "toy-monet-cat.yaml", "resolution": "toy-resolution.yaml",
          "monet-cat-experts": "toy-monet-cat-experts.yaml",
          "text": "text-imdb-smollm2.yaml"}
-DEFAULT_DEMO = "monet-cat"
+DEFAULT_DEMO = "monet-cat-experts"
 # Demos that also evaluate the base model at another resolution: the toy SD's native R = 64 px.
 DEMO_REFERENCE_RESOLUTION = {"resolution": 64}
 
