@@ -14,7 +14,7 @@ LOCK_CONSTRAINTS := torch==2.14.1 torchvision==0.29.1
 LATEST := .venv-latest
 TOOLS := .venv-tools
 
-.PHONY: demo test test-latest lock bench bench-deps install chromium clean
+.PHONY: demo test docs serve-docs test-latest lock bench bench-deps install chromium clean
 
 install: $(STAMP)
 
@@ -32,6 +32,15 @@ demo: $(STAMP)
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest
+
+# The documentation site (mkdocs.yml, docs/) into site/, every warning an error: a broken link, a page
+# missing from the nav, a nav entry without its page. The Reference pages are generated from the code.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean
+
+# The same site served at http://127.0.0.1:8000, rebuilt when a page changes.
+serve-docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
 
 # The suite on the newest releases that pyproject.toml's ranges admit, in a venv of its own, so that an
 # upstream break is seen on purpose. What moved against the lock is printed first.
@@ -78,4 +87,4 @@ bench-deps: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r bench/requirements-plot.txt
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(TOOLS) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(TOOLS) runs site .pytest_cache

@@ -1,6 +1,6 @@
 """Screenshot a run's report.html in headless Debian chromium (the README's picture).
 
-    .venv/bin/python bench/screenshot_report.py runs/demo-resolution assets/readme/report.png
+    .venv/bin/python bench/screenshot_report.py runs/demo-resolution docs/img/report.png
 
 Needs chromium (`make chromium`) and playwright (in the dev extra). Takes the top of the page:
 the flags, the curves and the before/after grid.

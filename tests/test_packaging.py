@@ -15,7 +15,6 @@ from .conftest import REPO
 
 # Top-level folders whose every file ships inside the wheel as raft_diffusion/_data/<folder>/...
 SHIPPED = ["assets/toyworld", "configs", "prompts"]
-NOT_SHIPPED = ["assets/readme"]  # the README's pictures
 
 
 def _setuptools() -> dict:
@@ -59,7 +58,7 @@ def installed_wheel(tmp_path_factory):
     # built from a copy: pip builds in the tree's build/, and two xdist workers building the same tree race there
     source = root / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "runs",
-                                                                 "results", ".pytest_cache", "__pycache__"))
+                                                                 "results", ".pytest_cache", "__pycache__", "site"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                             "-v", "-w", str(root / "dist")], check=True, capture_output=True, text=True, timeout=600)
     wheel = next((root / "dist").glob("raft_diffusion-*.whl"))
@@ -74,7 +73,9 @@ def test_the_wheel_carries_every_data_file_and_builds_without_warnings(installed
     missing = [f for f in _shipped_files() if f"raft_diffusion/_data/{f}" not in names]
     assert not missing, f"not in the wheel: {missing[:10]}"
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
-    assert not any(n.startswith(f"raft_diffusion/_data/{x}/") for x in NOT_SHIPPED for n in names)
+    # the documentation and its pictures stay out of the wheel (docs/img holds 1.4 MB of PNGs)
+    assert not any(n.startswith(("docs/", "raft_diffusion/_data/docs/")) or n.endswith("_before_after.png")
+                   for n in names)
     assert "Building wheel for raft-diffusion" in log or "raft_diffusion-" in log  # the verbose log was read
     assert "absent from the `packages` configuration" not in log, \
         [line for line in log.splitlines() if "absent from" in line]
