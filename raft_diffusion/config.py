@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union, get_origin
 
@@ -812,12 +813,18 @@ def read_yaml_file(path: Path, field: str, fix: str, name_the_value: bool = Fals
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _format_validation_error(err: ValidationError, source: str, backend: Any = None) -> UserError:
+def _format_validation_error(err: ValidationError, source: str, backend: Any = None,
+                             set_keys: Sequence[tuple[str, ...]] = ()) -> UserError:
+    """One line for the first error; a value that came from `--set` (one of `set_keys`, or inside one) is
+    said to come from there, not from the file."""
     first = err.errors()[0]
     loc = list(first["loc"])
     if loc and loc[0] in RUN_CONFIGS:  # the discriminated union's tag: the backend whose config it is
         backend = loc.pop(0)
     field = ".".join(str(p) for p in loc) or "(top level)"
+    where = tuple(str(p) for p in loc)
+    given = next((k for k in reversed(set_keys) if k and where[:len(k)] == k), None)
+    value_source = f"the --set {'.'.join(given)}=... of the command line" if given else source
     if first["type"] == "extra_forbidden":
         parent = _model_at(run_config_class(backend), loc[:-1])
         allowed = ", ".join(parent.model_fields) if parent else "see the docs"
@@ -826,7 +833,7 @@ def _format_validation_error(err: ValidationError, source: str, backend: Any = N
         problem, fix = "required field is missing", f"add it to {source}"
     else:
         problem = first["msg"].rstrip(".") + f", got {_short(repr(first.get('input')))}"
-        fix = f"fix the value in {source}"
+        fix = f"fix the value in {value_source}"
     more = len(err.errors()) - 1
     if more:
         fix += f"; {more} more error(s) after this one"
@@ -935,7 +942,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise _format_validation_error(e, str(path), data.get("backend")) from None
+        set_keys = [tuple(a.split("=", 1)[0].strip().split(".")) for a in overrides]
+        raise _format_validation_error(e, str(path), data.get("backend"), set_keys) from None
     return config.model_copy(update={}, deep=True)
 
 

@@ -254,3 +254,21 @@ def test_field_help_lists_both_backends_and_the_objectives_blocks():
         assert name in rows and rows[name], name
     assert not {"training.beta", "training.nft_beta", "training.nft_advantage_clip"} & set(rows)
     assert rows["generation.temperature"].startswith("text:") and rows["generation.steps"].startswith("diffusion:")
+
+
+def test_a_bad_value_names_where_it_came_from_the_set_or_the_file(tmp_path):
+    path = write_yaml(tmp_path / "run.yaml", deep_update(TINY_CONFIG, {"training": {"epochs": 0}}))
+    with pytest.raises(UserError) as from_file:
+        load_config(path)
+    assert f"fix the value in {path}" in str(from_file.value)
+    good = write_yaml(tmp_path / "good.yaml", TINY_CONFIG)
+    for assignment, field in (("training.replay=-1", "training.replay"),
+                              ("rewards=[{name: clip, weight: abc}]", "rewards")):
+        with pytest.raises(UserError) as from_set:
+            load_config(good, ["raft.seed=3", assignment])
+        assert f"--set {field}=... of the command line" in str(from_set.value)
+        assert str(good) not in str(from_set.value)
+    # a --set that is fine does not take the blame for the file's bad value
+    with pytest.raises(UserError) as mixed:
+        load_config(path, ["raft.seed=3"])
+    assert f"fix the value in {path}" in str(mixed.value)
