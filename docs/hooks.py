@@ -16,9 +16,6 @@ import inspect
 import re
 from typing import Any
 
-REFERENCE = {"reference/config.md": "config", "reference/cli.md": "cli", "reference/rewards.md": "rewards"}
-
-
 def _cell(text: Any) -> str:
     """Text for one cell of a markdown table."""
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
@@ -141,7 +138,7 @@ def rewards_page() -> str:
     lines += ["", "## Filters", "", "| name | reads | options | what it does |", "| --- | --- | --- | --- |"]
     for name in filters.available():
         factory = filters.REGISTRY[name]
-        reads = getattr(filters, "READS", {}).get(name, "")
+        reads = filters.READS[name]
         lines.append(f"| `{name}` | {reads} | {'<br>'.join(_options(factory, ('field',))) or 'none'} | "
                      f"{_summary(factory)} |")
     lines.append("")

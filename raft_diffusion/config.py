@@ -870,8 +870,9 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `--set a.b.c=value` to the raw config dict; the value is parsed as YAML."""
+def apply_override(data: dict[str, Any], assignment: str) -> tuple[str, ...]:
+    """Apply one `--set a.b.c=value` to the raw config dict; the value is parsed as YAML. Returns the
+    key's dotted parts (what an error in that value is then said to come from)."""
     if "=" not in assignment:
         raise UserError("--set", f"{assignment!r} is not key=value", "write e.g. --set raft.seed=1")
     key, raw = assignment.split("=", 1)
@@ -925,6 +926,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             node = node[idx]
             if not isinstance(node, (dict, list)):
                 raise UserError("--set", f"{key}: {part} holds a value, not fields", f"set {'.'.join(parts[:i + 1])}")
+    return tuple(parts)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -937,12 +939,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         data = {}
     if not isinstance(data, dict):
         raise UserError("config", f"{path} must hold a mapping of fields", "see configs/ for examples")
-    for assignment in overrides:
-        apply_override(data, assignment)
+    set_keys = [apply_override(data, assignment) for assignment in overrides]
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as e:
-        set_keys = [tuple(a.split("=", 1)[0].strip().split(".")) for a in overrides]
         raise _format_validation_error(e, str(path), data.get("backend"), set_keys) from None
     return config.model_copy(update={}, deep=True)
 

@@ -57,7 +57,8 @@ def _fields(model: type[BaseModel], prefix: str = "") -> set[str]:
         if not inner:
             names.add(dotted)
             continue
-        names.add(dotted) if list_of else None
+        if list_of:
+            names.add(dotted)
         for sub in inner:
             if sub in (RewardSpec, FilterSpec):  # a list of specs: the list, and the spec's own fields
                 names.add(dotted)
